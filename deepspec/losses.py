@@ -1,0 +1,415 @@
+"""Distillation losses for draft models, chunked over the vocabulary (SPEC §3, §2.3).
+
+Drafters hand us hidden states, never logits: the frozen LM head is applied here,
+one vocabulary chunk at a time, inside custom autograd functions, so that an
+[N, V] logits tensor never exists, in forward or backward. At most a few
+[N, chunk] blocks live at once (logits, probabilities, their difference).
+
+- `distill_losses`: DSpark / DFlash objective. Draft logits z = h W^T (+ L W2 for
+  the sequential head's low-rank bias B_k), target logits from the target's final
+  hidden state through the same frozen head. Returns weighted *sums* of CE, TV
+  (||p_d - p_t||_1) and confidence BCE; the trainer divides by the global weight
+  sum across ranks.
+- `eagle_soft_ce`: Eagle3 soft cross-entropy against the target distribution
+  restricted to the (possibly pruned) draft vocabulary and renormalised.
+- `position_weights`, `block_tau`, `simulated_tau`: w_k and the training-time
+  acceptance-length estimate 1 + sum_k prod_{i<=k} (1 - TV_i).
+
+How the chunked functions work: forward pass 1 computes the log-sum-exp of draft
+and target logits chunk by chunk (plus the label logit and the running argmax);
+pass 2 recomputes each chunk and accumulates ||p_d - p_t||_1 and
+S = sum_v sign(p_d - p_t)_v p_d(v). Backward recomputes each chunk's logits and
+forms the analytic gradient grad_z = g_ce (p_d - onehot) + g_tv p_d (s - S), then
+accumulates grad_h += grad_z W_c, grad_L += grad_z W2_c^T, grad_W2_c = L^T grad_z.
+Softmax arithmetic and every accumulation run in float32 (float64 stays float64)
+even for bf16 inputs. The LM head weights and the target hidden states are frozen:
+passing an LM head that requires grad raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class DistillLossOutput:
+    """Sums over supervised positions, NOT normalised (divide by the global weight sum)."""
+
+    loss_sum: Tensor  # alpha_ce*ce_sum + alpha_tv*tv_sum + alpha_conf*conf_sum, differentiable
+    ce_sum: Tensor  # detached
+    tv_sum: Tensor  # detached
+    conf_sum: Tensor  # detached
+    weight_sum: Tensor  # sum of w_k over supervised positions, detached
+    accept_NK: Tensor  # 1 - 0.5*||p_d - p_t||_1, detached, 0 where invalid
+    correct_NK: Tensor  # argmax(p_d) == label, False where invalid
+    valid_NK: Tensor
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """a @ b with the result in `acc`. bf16/fp16 on CUDA: half-precision inputs with an
+    fp32 output (no bf16 rounding of logits); elsewhere the inputs are upcast."""
+    if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype and acc == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            return (a @ b).to(acc)
+    return a.to(acc) @ b.to(acc)
+
+
+def _logits(h_MD: Tensor, w_cD: Tensor, acc: torch.dtype,
+            low_MR: Tensor | None = None, w2_Rc: Tensor | None = None) -> Tensor:
+    """One [M, c] block of logits h W_c^T (+ L W2_c) in the accumulation dtype."""
+    z = _mm(h_MD, w_cD.to(h_MD.dtype).t(), acc)
+    if low_MR is not None:
+        z += _mm(low_MR, w2_Rc.to(low_MR.dtype), acc)
+    return z
+
+
+def _chunks(V: int, chunk_size: int):
+    return [(c0, min(c0 + chunk_size, V)) for c0 in range(0, V, chunk_size)]
+
+
+def _update_argmax(z_Mc: Tensor, c0: int, best_val: Tensor, best_idx: Tensor) -> None:
+    val, idx = z_Mc.max(dim=1)
+    better = val > best_val  # strict: the first chunk wins ties, like torch.argmax
+    best_val[better] = val[better]
+    best_idx[better] = idx[better] + c0
+
+
+def _check_frozen(name: str, weight: Tensor) -> None:
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but the LM head is frozen in deepspec (SPEC §2) and these "
+            f"chunked losses return no gradient for it; pass {name}.detach() or freeze it "
+            "with .requires_grad_(False)."
+        )
+
+
+def _check_shape(name: str, t: Tensor | None, shape: tuple) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}.")
+
+
+# ------------------------------------------------------------ DSpark / DFlash losses
+
+
+class _ChunkedCETV(torch.autograd.Function):
+    """Per-row CE and ||p_d - p_t||_1 over M rows, chunked over V; also the draft argmax."""
+
+    @staticmethod
+    def forward(ctx, h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, chunk_size):
+        M, V = h_MD.shape[0], w_VD.shape[0]
+        acc = _acc_dtype(h_MD.dtype)
+        chunks = _chunks(V, chunk_size)
+        lse_d_parts, lse_t_parts = [], []
+        label_logit = h_MD.new_zeros(M, dtype=acc)
+        best_val = h_MD.new_full((M,), float("-inf"), dtype=acc)
+        best_idx = torch.zeros(M, dtype=torch.long, device=h_MD.device)
+        for c0, c1 in chunks:  # pass 1: normalisers, label logit, argmax
+            w2 = None if w2_RV is None else w2_RV[:, c0:c1]
+            z = _logits(h_MD, w_VD[c0:c1], acc, low_MR, w2)
+            lse_d_parts.append(torch.logsumexp(z, dim=1))
+            here = (labels_M >= c0) & (labels_M < c1)
+            col = (labels_M - c0).clamp(0, c1 - c0 - 1)
+            label_logit += torch.where(here, z.gather(1, col[:, None])[:, 0], 0.0)
+            _update_argmax(z, c0, best_val, best_idx)
+            lse_t_parts.append(torch.logsumexp(_logits(th_MD, w_VD[c0:c1], acc), dim=1))
+        lse_d = torch.logsumexp(torch.stack(lse_d_parts, 1), dim=1)
+        lse_t = torch.logsumexp(torch.stack(lse_t_parts, 1), dim=1)
+        ce = lse_d - label_logit
+        tv = torch.zeros_like(lse_d)
+        s_dot_p = torch.zeros_like(lse_d)  # S = sum_v sign(p_d - p_t)_v p_d(v)
+        for c0, c1 in chunks:  # pass 2: TV and S
+            w2 = None if w2_RV is None else w2_RV[:, c0:c1]
+            p = _logits(h_MD, w_VD[c0:c1], acc, low_MR, w2).sub_(lse_d[:, None]).exp_()
+            diff = _logits(th_MD, w_VD[c0:c1], acc).sub_(lse_t[:, None]).exp_().neg_().add_(p)
+            tv += diff.abs().sum(dim=1)
+            s_dot_p += diff.sign_().mul_(p).sum(dim=1)
+        ctx.save_for_backward(h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, lse_d, lse_t, s_dot_p)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(best_idx)
+        ctx.set_materialize_grads(False)
+        return ce, tv, best_idx
+
+    @staticmethod
+    def backward(ctx, g_ce, g_tv, _g_idx):
+        h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, lse_d, lse_t, s_dot_p = ctx.saved_tensors
+        need_h, _, _, _, need_low, need_w2 = ctx.needs_input_grad[:6]
+        if g_ce is None and g_tv is None:
+            return (None,) * 7
+        acc = lse_d.dtype
+        M = h_MD.shape[0]
+        grad_h = torch.zeros(h_MD.shape, dtype=acc, device=h_MD.device) if need_h else None
+        grad_low = torch.zeros(low_MR.shape, dtype=acc, device=h_MD.device) if need_low else None
+        grad_w2 = torch.zeros_like(w2_RV) if need_w2 else None
+        rows = torch.arange(M, device=h_MD.device)
+        for c0, c1 in _chunks(w_VD.shape[0], ctx.chunk_size):
+            w_cD = w_VD[c0:c1]
+            w2 = None if w2_RV is None else w2_RV[:, c0:c1]
+            p = _logits(h_MD, w_cD, acc, low_MR, w2).sub_(lse_d[:, None]).exp_()
+            if g_tv is not None:  # g_tv * p * (sign(p - q) - S)
+                q = _logits(th_MD, w_cD, acc).sub_(lse_t[:, None]).exp_()
+                g_z = q.neg_().add_(p).sign_().sub_(s_dot_p[:, None]).mul_(p)
+                g_z.mul_(g_tv.to(acc)[:, None])
+                if g_ce is not None:
+                    g_z.addcmul_(p, g_ce.to(acc)[:, None])
+            else:  # g_ce * p, the one-hot part below
+                g_z = p.mul_(g_ce.to(acc)[:, None])
+            if g_ce is not None:
+                here = (labels_M >= c0) & (labels_M < c1)
+                g_z[rows[here], labels_M[here] - c0] -= g_ce.to(acc)[here]
+            if need_h:
+                grad_h += _mm(g_z.to(h_MD.dtype), w_cD.to(h_MD.dtype), acc)
+            if need_low:
+                grad_low += _mm(g_z.to(low_MR.dtype), w2.to(low_MR.dtype).t(), acc)
+            if need_w2:
+                grad_w2[:, c0:c1] = _mm(low_MR.t(), g_z.to(low_MR.dtype), acc).to(w2_RV.dtype)
+        return (
+            None if grad_h is None else grad_h.to(h_MD.dtype),
+            None, None, None,
+            None if grad_low is None else grad_low.to(low_MR.dtype),
+            grad_w2, None,
+        )
+
+
+def position_weights(block_size: int, gamma_w: float | None) -> Tensor:
+    """w_k = exp(-(k-1)/gamma_w) for k = 1..block_size; gamma_w None means block_size
+    (the paper's choice; DeepSpec's code uses 4.0). Returns float32 [block_size]."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    gamma = float(block_size if gamma_w is None else gamma_w)
+    if gamma <= 0:
+        raise ValueError(f"gamma_w must be positive (or None for block_size), got {gamma_w}.")
+    return torch.exp(-torch.arange(block_size, dtype=torch.float32) / gamma)
+
+
+def distill_losses(
+    hidden_NKD: Tensor,
+    lm_weight_VD: Tensor,
+    target_hidden_NKD: Tensor,
+    labels_NK: Tensor,
+    valid_NK: Tensor,
+    weights_K: Tensor,
+    lowrank_NKR: Tensor | None = None,
+    lowrank_weight_RV: Tensor | None = None,
+    conf_logit_NK: Tensor | None = None,
+    alpha_ce: float = 0.1,
+    alpha_tv: float = 0.9,
+    alpha_conf: float = 1.0,
+    chunk_size: int = 16384,
+) -> DistillLossOutput:
+    """DSpark/DFlash loss sums over N blocks of K positions (SPEC §3).
+
+    hidden_NKD: drafter's final hidden (gets grad). lm_weight_VD: frozen LM head.
+    target_hidden_NKD: target's final hidden after its final norm (no grad).
+    labels_NK: the target's tokens x*. valid_NK: supervised positions (bool).
+    weights_K: w_k. lowrank_NKR @ lowrank_weight_RV: the sequential head's bias B_k
+    (both get grad). conf_logit_NK: confidence head logits (gets grad); None means no
+    confidence term. Terms with a zero alpha add no work to backward; CE, TV and the
+    acceptance metrics are always computed for logging. Invalid positions cost nothing:
+    only valid rows are gathered and sent through the LM head.
+    """
+    N, K, D = hidden_NKD.shape
+    V = lm_weight_VD.shape[0]
+    _check_shape("target_hidden_NKD", target_hidden_NKD, (N, K, D))
+    _check_shape("labels_NK", labels_NK, (N, K))
+    _check_shape("valid_NK", valid_NK, (N, K))
+    _check_shape("weights_K", weights_K, (K,))
+    _check_shape("lm_weight_VD", lm_weight_VD, (V, D))
+    _check_shape("conf_logit_NK", conf_logit_NK, (N, K))
+    if (lowrank_NKR is None) != (lowrank_weight_RV is None):
+        raise ValueError("lowrank_NKR and lowrank_weight_RV must be given together (or neither).")
+    if lowrank_NKR is not None:
+        R = lowrank_NKR.shape[-1]
+        _check_shape("lowrank_NKR", lowrank_NKR, (N, K, R))
+        _check_shape("lowrank_weight_RV", lowrank_weight_RV, (R, V))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    _check_frozen("lm_weight_VD", lm_weight_VD)
+
+    valid_NK = valid_NK.bool()
+    idx_M = valid_NK.reshape(-1).nonzero()[:, 0]
+    labels_M = labels_NK.reshape(-1)[idx_M].long()
+    if labels_M.numel() and (labels_M.min() < 0 or labels_M.max() >= V):
+        raise ValueError(
+            f"labels_NK has values in [{int(labels_M.min())}, {int(labels_M.max())}] at valid "
+            f"positions; they must lie in [0, {V}) (mark padding with valid_NK=False)."
+        )
+    acc = _acc_dtype(hidden_NKD.dtype)
+    w_M = weights_K.to(hidden_NKD.device, acc).expand(N, K).reshape(-1)[idx_M]
+    low_MR = None if lowrank_NKR is None else lowrank_NKR.reshape(N * K, -1)[idx_M]
+    ce_M, tv_M, argmax_M = _ChunkedCETV.apply(
+        hidden_NKD.reshape(N * K, D)[idx_M], lm_weight_VD,
+        target_hidden_NKD.reshape(N * K, D)[idx_M].detach(), labels_M,
+        low_MR, lowrank_weight_RV, chunk_size,
+    )
+    ce_sum, tv_sum = (w_M * ce_M).sum(), (w_M * tv_M).sum()
+    accept_M = (1.0 - 0.5 * tv_M.detach()).clamp(0.0, 1.0)
+    conf_sum = w_M.new_zeros(())
+    if conf_logit_NK is not None:
+        conf_M = conf_logit_NK.reshape(-1)[idx_M].to(acc)
+        conf_sum = F.binary_cross_entropy_with_logits(conf_M, accept_M, weight=w_M, reduction="sum")
+
+    terms = [a * t for a, t in ((alpha_ce, ce_sum), (alpha_tv, tv_sum), (alpha_conf, conf_sum))
+             if a != 0.0]  # a zero alpha keeps its term out of the graph: no backward work
+    loss_sum = sum(terms[1:], terms[0]) if terms else ce_M.sum() * 0.0
+
+    accept_NK = torch.zeros(N * K, dtype=acc, device=hidden_NKD.device)
+    accept_NK[idx_M] = accept_M
+    correct_NK = torch.zeros(N * K, dtype=torch.bool, device=hidden_NKD.device)
+    correct_NK[idx_M] = argmax_M == labels_M
+    return DistillLossOutput(
+        loss_sum=loss_sum, ce_sum=ce_sum.detach(), tv_sum=tv_sum.detach(),
+        conf_sum=conf_sum.detach(), weight_sum=w_M.sum(), accept_NK=accept_NK.view(N, K),
+        correct_NK=correct_NK.view(N, K), valid_NK=valid_NK,
+    )
+
+
+def block_tau(accept_NK: Tensor, valid_NK: Tensor) -> Tensor:
+    """Per-block simulated acceptance length 1 + sum_k prod_{i<=k} a_i, float32 [N].
+
+    A block's product runs over its supervised prefix only: it stops at the first
+    invalid position, and later positions add nothing even if marked valid. A block
+    with no supervised position gets tau = 1 (only the bonus token)."""
+    prefix_NK = valid_NK.bool().int().cumprod(dim=1).bool()
+    a_NK = torch.where(prefix_NK, accept_NK.float(), 0.0)
+    return 1.0 + a_NK.cumprod(dim=1).sum(dim=1)
+
+
+def simulated_tau(accept_NK: Tensor, valid_NK: Tensor) -> Tensor:
+    """Mean of `block_tau` over blocks with a non-empty supervised prefix (valid at k=1);
+    blocks without supervision carry no information and are excluded; NaN if none is left.
+    For a global figure across ranks, all-reduce block_tau's sum and the block count."""
+    has_any = valid_NK.bool()[:, :1].reshape(-1)
+    return block_tau(accept_NK, valid_NK)[has_any].mean()
+
+
+# ------------------------------------------------------------------ Eagle3 soft CE
+
+
+class _ChunkedSoftCE(torch.autograd.Function):
+    """Per-row -sum_v q_v log p_d(v) over the draft vocabulary, chunked; q = softmax of the
+    target logits of the draft vocabulary's target ids. Also 1 - TV and both argmaxes."""
+
+    @staticmethod
+    def forward(ctx, h_MD, wd_vD, th_MD, wt_VD, d2t_v, chunk_size):
+        M, v = h_MD.shape[0], wd_vD.shape[0]
+        acc = _acc_dtype(h_MD.dtype)
+        chunks = _chunks(v, chunk_size)
+        lse_d_parts, lse_q_parts, qz_parts = [], [], []
+        best = [h_MD.new_full((M,), float("-inf"), dtype=acc) for _ in range(2)]
+        best_idx = [torch.zeros(M, dtype=torch.long, device=h_MD.device) for _ in range(2)]
+        for c0, c1 in chunks:  # pass 1: normalisers and the unnormalised sum q z per chunk
+            z = _logits(h_MD, wd_vD[c0:c1], acc)
+            t = _logits(th_MD, wt_VD[d2t_v[c0:c1]], acc)
+            lse_d_parts.append(torch.logsumexp(z, dim=1))
+            lse_q_c = torch.logsumexp(t, dim=1)
+            lse_q_parts.append(lse_q_c)
+            qz_parts.append((torch.softmax(t, dim=1) * z).sum(dim=1))  # chunk-local q
+            _update_argmax(z, c0, best[0], best_idx[0])
+            _update_argmax(t, c0, best[1], best_idx[1])
+        lse_d = torch.logsumexp(torch.stack(lse_d_parts, 1), dim=1)
+        lse_q_Mn = torch.stack(lse_q_parts, 1)
+        lse_q = torch.logsumexp(lse_q_Mn, dim=1)
+        chunk_mass = torch.exp(lse_q_Mn - lse_q[:, None])  # share of q in each chunk
+        loss = lse_d - (chunk_mass * torch.stack(qz_parts, 1)).sum(dim=1)  # sum q = 1
+        tv = torch.zeros_like(lse_d)
+        for c0, c1 in chunks:  # pass 2: ||p_d - q||_1 for the acceptance metric
+            p = _logits(h_MD, wd_vD[c0:c1], acc).sub_(lse_d[:, None]).exp_()
+            q = _logits(th_MD, wt_VD[d2t_v[c0:c1]], acc).sub_(lse_q[:, None]).exp_()
+            tv += q.sub_(p).abs_().sum(dim=1)
+        ctx.save_for_backward(h_MD, wd_vD, th_MD, wt_VD, d2t_v, lse_d, lse_q)
+        ctx.chunk_size = chunk_size
+        accept = (1.0 - 0.5 * tv).clamp_(0.0, 1.0)
+        correct = best_idx[0] == best_idx[1]
+        ctx.mark_non_differentiable(accept, correct)
+        ctx.set_materialize_grads(False)
+        return loss, accept, correct
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_acc, _g_cor):
+        h_MD, wd_vD, th_MD, wt_VD, d2t_v, lse_d, lse_q = ctx.saved_tensors
+        if g_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        acc = lse_d.dtype
+        grad_h = torch.zeros(h_MD.shape, dtype=acc, device=h_MD.device)
+        for c0, c1 in _chunks(wd_vD.shape[0], ctx.chunk_size):
+            p = _logits(h_MD, wd_vD[c0:c1], acc).sub_(lse_d[:, None]).exp_()
+            q = _logits(th_MD, wt_VD[d2t_v[c0:c1]], acc).sub_(lse_q[:, None]).exp_()
+            g_z = p.sub_(q).mul_(g_loss.to(acc)[:, None])  # d/dz of soft CE = p_d - q
+            grad_h += _mm(g_z.to(h_MD.dtype), wd_vD[c0:c1].to(h_MD.dtype), acc)
+        return grad_h.to(h_MD.dtype), None, None, None, None, None
+
+
+def eagle_soft_ce(
+    hidden_NKD: Tensor,
+    draft_lm_weight_vD: Tensor,
+    target_hidden_NKD: Tensor,
+    target_lm_weight_VD: Tensor,
+    valid_NK: Tensor,
+    weights_K: Tensor,
+    draft_to_target_v: Tensor | None = None,
+    chunk_size: int = 16384,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eagle3 soft cross-entropy sum (SPEC §2.3) over N rows of K TTT steps.
+
+    loss = sum_{valid} w_k * (-sum_v q_v log p_d(v)) with p_d = softmax(h Wd^T) over the
+    draft vocabulary (size v) and q = softmax over v of the target logits
+    target_hidden @ Wt[draft_to_target_v]^T, i.e. the target distribution restricted
+    to the draft vocabulary and renormalised. draft_to_target_v holds the *absolute*
+    target id of each draft entry (i + d2t[i] for the offset form); None means the
+    vocabularies are the same. Both LM heads are frozen.
+
+    Returns (loss_sum differentiable, weight_sum, accept_NK = 1 - 0.5||p_d - q||_1,
+    correct_NK = argmax p_d == argmax q), metrics detached and zero/False where invalid.
+    """
+    N, K, D = hidden_NKD.shape
+    v, V = draft_lm_weight_vD.shape[0], target_lm_weight_VD.shape[0]
+    _check_shape("target_hidden_NKD", target_hidden_NKD, (N, K, target_lm_weight_VD.shape[1]))
+    _check_shape("draft_lm_weight_vD", draft_lm_weight_vD, (v, D))
+    _check_shape("valid_NK", valid_NK, (N, K))
+    _check_shape("weights_K", weights_K, (K,))
+    _check_frozen("draft_lm_weight_vD", draft_lm_weight_vD)
+    _check_frozen("target_lm_weight_VD", target_lm_weight_VD)
+    if draft_to_target_v is None:
+        if v != V:
+            raise ValueError(f"draft vocab {v} != target vocab {V}: pass draft_to_target_v.")
+        draft_to_target_v = torch.arange(V, device=hidden_NKD.device)
+    _check_shape("draft_to_target_v", draft_to_target_v, (v,))
+    d2t_v = draft_to_target_v.to(hidden_NKD.device).long()
+    if v and (d2t_v.min() < 0 or d2t_v.max() >= V):
+        raise ValueError(
+            f"draft_to_target_v must hold target ids in [0, {V}); got [{int(d2t_v.min())}, "
+            f"{int(d2t_v.max())}]. Offsets d2t need converting: target_id = i + d2t[i]."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+
+    valid_NK = valid_NK.bool()
+    idx_M = valid_NK.reshape(-1).nonzero()[:, 0]
+    acc = _acc_dtype(hidden_NKD.dtype)
+    w_M = weights_K.to(hidden_NKD.device, acc).expand(N, K).reshape(-1)[idx_M]
+    loss_M, accept_M, correct_M = _ChunkedSoftCE.apply(
+        hidden_NKD.reshape(N * K, D)[idx_M], draft_lm_weight_vD,
+        target_hidden_NKD.reshape(N * K, -1)[idx_M].detach(), target_lm_weight_VD, d2t_v,
+        chunk_size,
+    )
+    loss_sum = (w_M * loss_M).sum()
+    accept_NK = torch.zeros(N * K, dtype=acc, device=hidden_NKD.device)
+    accept_NK[idx_M] = accept_M
+    correct_NK = torch.zeros(N * K, dtype=torch.bool, device=hidden_NKD.device)
+    correct_NK[idx_M] = correct_M
+    return loss_sum, w_M.sum(), accept_NK.view(N, K), correct_NK.view(N, K)
