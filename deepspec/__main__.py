@@ -1,0 +1,3 @@
+from deepspec.cli import main
+
+raise SystemExit(main())

