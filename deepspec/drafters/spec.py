@@ -1,0 +1,105 @@
+"""DrafterSpec: every option of a drafter, as the `drafter` Hydra config group's schema.
+
+Only primitive / list / Optional fields, so the dataclass can be registered in Hydra's
+ConfigStore as it is. `resolve_spec` turns the `None` defaults ("copy the target") into
+concrete numbers for one target.
+
+Mask token (DFlash/DSpark block inputs after the anchor): a token id whose embedding row
+the target never produces. Recipes set it per target:
+- SmolLM2 (vocab 49152): ids 0-16 are special tokens (`<|endoftext|>`, `<|im_start|>`,
+  `<|im_end|>`, `<repo_name>`, `<reponame>`, `<file_sep>`, ...); the chat model emits
+  0, 1, 2 but never the repository/file/jupyter markers, so the SmolLM2 recipe uses one of
+  those unused special ids (checked against the tokenizer by the target adapter).
+- DeepSeek-V4: 128799 (the published noise token).
+- Tiny random test models: `vocab_size - 1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from deepspec.targets.shapes import TargetShapes
+
+KINDS = ("dspark", "dflash", "eagle3")
+HEADS = ("markov", "rnn", "none")
+
+
+@dataclass
+class DrafterSpec:
+    """Drafter options. `None` means "take the target's value" (see `resolve_spec`)."""
+
+    kind: str = "dspark"  # dspark | dflash | eagle3
+    num_layers: int = 5  # draft decoder layers (Eagle3 uses 1)
+    block_size: int = 7  # γ: DFlash/DSpark block inputs = anchor + γ-1 masks; Eagle3 draft steps
+    mask_token_id: Optional[int] = None  # required for dflash/dspark (see module docstring)
+    head: str = "markov"  # DSpark sequential head: markov | rnn | none
+    markov_rank: int = 256  # r of the Markov/RNN head
+    confidence_head: bool = True  # DSpark: predict c_k = P(token k survives verification)
+    confidence_uses_markov: bool = True  # confidence input [h_k; W1[x_{k-1}]] (else h_k only)
+    layer_ids: list[int] = field(default_factory=list)  # tapped target layers; [] = default_layer_ids
+    num_taps: int = 5  # m for the DFlash/DSpark default taps
+    intermediate_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    ttt_steps: int = 7  # Eagle3 training-time-test unroll length
+    ttt_decay: float = 0.8  # Eagle3 loss weight decay per step (weights ttt_decay**j)
+    draft_vocab_size: Optional[int] = None  # Eagle3 vocabulary pruning; None = full vocab
+    backbone: str = "llama"  # key of deepspec.drafters.layers.BACKBONES
+    sliding_window: Optional[int] = None  # block queries see only the last `sliding_window` ctx positions
+    anchors_per_seq: int = 512  # DFlash/DSpark anchors sampled per training sequence
+    max_seq_len: int = 4096  # Eagle3 training rows are truncated to this many tokens
+
+
+def default_layer_ids(kind: str, num_layers: int, m: int = 5) -> list[int]:
+    """Default tapped target layers ("layer k" = output of decoder layer k, never the last).
+
+    DFlash/DSpark: m evenly spaced from 1 to L-3 (Qwen3, L=36: [1, 9, 17, 25, 33]).
+    Eagle3: low / middle / high = [2, L//2, L-3].
+    """
+    if num_layers < 4:
+        raise ValueError(f"target has {num_layers} layers; default taps need at least 4 (set layer_ids)")
+    if kind == "eagle3":
+        return [2, num_layers // 2, num_layers - 3]
+    lo, hi = 1, num_layers - 3
+    if m == 1:
+        return [hi]
+    return [lo + round(i * (hi - lo) / (m - 1)) for i in range(m)]
+
+
+def resolve_spec(spec: DrafterSpec, shapes: TargetShapes) -> DrafterSpec:
+    """Check `spec` against the target and fill every `None`/empty default from `shapes`."""
+    if spec.kind not in KINDS:
+        raise ValueError(f"drafter.kind={spec.kind!r}; choose one of {KINDS}")
+    if spec.head not in HEADS:
+        raise ValueError(f"drafter.head={spec.head!r}; choose one of {HEADS}")
+    if spec.kind != "eagle3":
+        if spec.mask_token_id is None:
+            raise ValueError(
+                f"drafter.mask_token_id is required for kind={spec.kind!r}: set it to a token id the "
+                f"target never produces (tiny test models: vocab_size-1 = {shapes.vocab_size - 1})")
+        if not 0 <= spec.mask_token_id < shapes.vocab_size:
+            raise ValueError(f"drafter.mask_token_id={spec.mask_token_id} is outside the target vocab "
+                             f"[0, {shapes.vocab_size})")
+        if spec.block_size < 2:
+            raise ValueError(f"drafter.block_size={spec.block_size}; a block needs at least 2 slots")
+    if spec.kind == "eagle3" and spec.num_layers != 1:
+        raise ValueError(f"drafter.num_layers={spec.num_layers} for kind='eagle3'; Eagle3 has exactly one "
+                         f"decoder layer (set drafter.num_layers=1)")
+    layer_ids = list(spec.layer_ids) or default_layer_ids(spec.kind, shapes.num_layers, spec.num_taps)
+    bad = [i for i in layer_ids if not 0 <= i < shapes.num_layers - 1]
+    if bad:
+        raise ValueError(f"drafter.layer_ids {bad} are not taps of a {shapes.num_layers}-layer target: "
+                         f"use 0..{shapes.num_layers - 2} (the final layer is post-norm, never tap it)")
+    if spec.kind == "eagle3" and spec.draft_vocab_size is not None \
+            and not 0 < spec.draft_vocab_size <= shapes.vocab_size:
+        raise ValueError(f"drafter.draft_vocab_size={spec.draft_vocab_size} must lie in (0, {shapes.vocab_size}]")
+    return replace(
+        spec,
+        layer_ids=layer_ids,
+        intermediate_size=spec.intermediate_size or shapes.intermediate_size,
+        num_heads=spec.num_heads or shapes.num_heads,
+        num_kv_heads=spec.num_kv_heads or shapes.num_kv_heads,
+        head_dim=spec.head_dim or shapes.head_dim,
+    )
