@@ -1,0 +1,66 @@
+"""Every recipe composes against the typed schema; typos fail with the closest valid keys named."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepspec.cli import main
+from deepspec.config import ConfigError, compose, list_recipes, recipes_dir
+
+RECIPES = [name for name, _ in list_recipes()]
+REQUIRED = {"dspark_smollm2", "dflash_smollm2", "eagle3_smollm2"}
+
+
+def test_cpu_recipes_exist_with_a_purpose():
+    assert REQUIRED <= set(RECIPES)
+    for name, desc in list_recipes():
+        assert desc, f"recipe {name} has no description line"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_says_how_to_launch(recipe):
+    cfg = compose([f"recipe={recipe}"])
+    assert cfg.recipe == recipe
+    assert cfg.output_dir == f"runs/{recipe}"  # deterministic, no timestamps
+    text = (recipes_dir() / f"{recipe}.yaml").read_text()
+    assert text.startswith("#") and "deepspec_schema" in text
+    assert any(w in text.lower() for w in ("launch", "deepspec train", "torchrun")), "header must say how to launch"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_cli_cfg_job_exits_zero_for_every_recipe(recipe, capsys):
+    assert main(["train", f"recipe={recipe}", "--cfg", "job"]) == 0
+    assert f"recipe: {recipe}" in capsys.readouterr().out
+
+
+def test_typo_names_the_valid_key(capsys):
+    assert main(["train", "recipe=dspark_smollm2", "trainer.max_stepz=1"]) != 0
+    err = capsys.readouterr().err
+    assert "trainer.max_stepz" in err and "trainer.max_steps" in err
+
+
+def test_wrong_type_and_unknown_recipe_are_clear():
+    with pytest.raises(ConfigError, match="trainer.keep_last=abc"):
+        compose(["recipe=dspark_smollm2", "trainer.keep_last=abc"])
+    with pytest.raises(ConfigError, match="closest: dspark_smollm2"):
+        compose(["recipe=dspark_smolm2"])
+    with pytest.raises(ConfigError, match="recipe=NAME is required"):
+        compose([])
+
+
+def test_group_override_and_values():
+    cfg = compose(["recipe=dspark_smollm2", "deepspeed=zero3", "trainer.max_steps=7", "output_dir=/tmp/x"])
+    assert cfg.deepspeed.zero_stage == 3 and cfg.trainer.max_steps == 7 and cfg.output_dir == "/tmp/x"
+    cfg = compose(["recipe=dspark_smollm2", "data.sources=[sharegpt]"])
+    assert list(cfg.data.sources) == ["sharegpt"]
+
+
+def test_local_rank_argument_never_reaches_hydra(capsys):
+    assert main(["train", "--local_rank=0", "recipe=dspark_smollm2", "--cfg", "job"]) == 0
+
+
+def test_recipes_command_lists_all(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in REQUIRED:
+        assert name in out
