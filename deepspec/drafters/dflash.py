@@ -55,7 +55,7 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
 
         def attend(q, k_blk, v_blk, ctx_k, ctx_v):
             outs, c0, n0 = [], 0, 0
-            for C, N, mask in zip(batch.ctx_counts, batch.block_counts, masks):
+            for C, N, mask in zip(batch.ctx_counts, batch.block_counts, masks, strict=True):
                 if N:
                     q_s = q[n0:n0 + N].flatten(0, 1).transpose(0, 1)  # [H, N*K, hd]
                     k_s = torch.cat([ctx_k[c0:c0 + C], k_blk[n0:n0 + N].flatten(0, 1)]).transpose(0, 1)
@@ -76,11 +76,11 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
         return DraftOutput(hidden_NKD=self.backbone(batch))
 
     # ---- inference -------------------------------------------------------------------------
-    def new_state(self, batch_size: int, max_len: int, device=None) -> "BlockDraftState":
+    def new_state(self, batch_size: int, max_len: int, device=None) -> BlockDraftState:
         return BlockDraftState(self, batch_size, max_len, device or self.norm.weight.device)
 
     @torch.no_grad()
-    def block_hidden(self, state: "BlockDraftState", anchor_tokens_B: Tensor, anchor_pos_B: Tensor) -> Tensor:
+    def block_hidden(self, state: BlockDraftState, anchor_tokens_B: Tensor, anchor_pos_B: Tensor) -> Tensor:
         """Backbone over one block per request: hidden_BKD (after the final norm)."""
         B, K = anchor_tokens_B.shape[0], self.spec.block_size
         if bool((anchor_pos_B > state.lengths_B).any()):
@@ -102,12 +102,12 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
             return sdpa_gqa(q.transpose(1, 2), k, v, mask).transpose(1, 2)
 
         x = self.embed(ids, self.dtype)
-        for layer, ck, cv in zip(self.layers, state.k_cache, state.v_cache):
+        for layer, ck, cv in zip(self.layers, state.k_cache, state.v_cache, strict=True):
             x = layer(x, pos, ck, cv, attend)
         return self.norm(x)
 
     @torch.no_grad()
-    def propose(self, state: "BlockDraftState", anchor_tokens_B: Tensor, anchor_pos_B: Tensor, greedy: bool = True,
+    def propose(self, state: BlockDraftState, anchor_tokens_B: Tensor, anchor_pos_B: Tensor, greedy: bool = True,
                 temperature: float = 1.0, generator: Optional[torch.Generator] = None,
                 forced_tokens_BK: Optional[Tensor] = None) -> Proposal:
         """Draft K tokens after each request's anchor (context = every position < anchor_pos)."""
@@ -150,7 +150,7 @@ class BlockDraftState:
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         ctx = self.drafter.fuse(taps_BTMD[b_idx, t_idx])  # [n, D]
         p = pos_BT[b_idx, t_idx]
-        for layer, kc, vc in zip(self.drafter.layers, self.k_cache, self.v_cache):
+        for layer, kc, vc in zip(self.drafter.layers, self.k_cache, self.v_cache, strict=True):
             k, v = layer.project_ctx(ctx, p)  # [n, Hkv, hd]
             kc[b_idx, :, p] = k.to(kc.dtype)
             vc[b_idx, :, p] = v.to(vc.dtype)

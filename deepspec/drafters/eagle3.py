@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from deepspec.drafters.base import DraftOutput, Proposal, SharedTargetMixin, draw
 from deepspec.drafters.dflash import layer_dims
-from deepspec.drafters.layers import DraftAttention, LayerDims, RMSNorm, SwiGLU, sdpa_gqa
+from deepspec.drafters.layers import DraftAttention, LayerDims, RMSNorm, SwiGLU
 from deepspec.drafters.packing import Eagle3Batch
 from deepspec.drafters.spec import DrafterSpec, resolve_spec
 from deepspec.targets.shapes import TargetShapes
@@ -120,8 +120,9 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
         if self.pruned:
             Vd = self.spec.draft_vocab_size
             self.lm_head = nn.Linear(D, Vd, bias=False)
-            d2t, t2d = build_vocab_map(torch.arange(V, 0, -1), Vd)  # placeholder: the first Vd ids
-            self.register_buffer("d2t", d2t)
+            t2d = torch.zeros(V, dtype=torch.bool)
+            t2d[:Vd] = True  # placeholder map (the first Vd ids) until set_vocab_map
+            self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))
             self.register_buffer("t2d", t2d)
             self.register_buffer("lm_head_initialized", torch.tensor(False))
 
@@ -164,7 +165,7 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
 
     # ---- training ---------------------------------------------------------------------------
     def forward(self, batch: Eagle3Batch) -> DraftOutput:
-        ids, lengths = batch.input_ids_BT, batch.lengths_B
+        ids = batch.input_ids_BT  # padding follows each row's tokens, so causal masking hides it from real rows
         B, T = ids.shape
         K = batch.labels_NK.shape[1]
         dev = ids.device
@@ -190,11 +191,11 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
                            t2d_V=self.t2d if self.pruned else None)
 
     # ---- inference --------------------------------------------------------------------------
-    def new_state(self, batch_size: int, max_len: int, device=None) -> "Eagle3State":
+    def new_state(self, batch_size: int, max_len: int, device=None) -> Eagle3State:
         return Eagle3State(self, batch_size, max_len, device or self.norm.weight.device)
 
     @torch.no_grad()
-    def propose(self, state: "Eagle3State", anchor_tokens_B: Tensor, anchor_pos_B: Tensor, greedy: bool = True,
+    def propose(self, state: Eagle3State, anchor_tokens_B: Tensor, anchor_pos_B: Tensor, greedy: bool = True,
                 temperature: float = 1.0, generator: Optional[torch.Generator] = None,
                 forced_tokens_BK: Optional[Tensor] = None, num_tokens: Optional[int] = None) -> Proposal:
         """Draft `num_tokens` (default block_size) tokens autoregressively after each anchor.

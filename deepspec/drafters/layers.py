@@ -14,8 +14,9 @@ it must offer `project_ctx(ctx_CD, ctx_pos_C) -> (k, v)` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

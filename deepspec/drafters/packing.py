@@ -75,7 +75,7 @@ class PackedBatch:
     def block_size(self) -> int:
         return self.block_ids_NK.shape[1]
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PackedBatch":
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> PackedBatch:
         return _to(self, device, dtype)
 
 
@@ -153,7 +153,7 @@ def block_attention_masks(batch: PackedBatch, sliding_window: Optional[int] = No
     masks: list[Optional[Tensor]] = []
     c0 = n0 = 0
     K = batch.block_size
-    for C, N in zip(batch.ctx_counts, batch.block_counts):
+    for C, N in zip(batch.ctx_counts, batch.block_counts, strict=True):
         if N == 0:
             masks.append(None)
             c0, n0 = c0 + C, n0 + N
@@ -186,7 +186,7 @@ class Eagle3Batch:
     valid_NK: Tensor
     target_hidden_NKD: Tensor
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Eagle3Batch":
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> Eagle3Batch:
         return _to(self, device, dtype)
 
 
@@ -202,7 +202,7 @@ def batch_sequences(seqs: list[SequenceFeatures], max_len: int, ttt_steps: int) 
     lm = torch.zeros(B, T, dtype=torch.bool, device=dev)
     taps = s0.taps_TMD.new_zeros(B, T, *s0.taps_TMD.shape[1:])
     final = s0.final_TD.new_zeros(B, T, s0.final_TD.shape[-1])
-    for b, (s, n) in enumerate(zip(seqs, lengths)):
+    for b, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         ids[b, :n], lm[b, :n] = s.input_ids_T[:n], s.loss_mask_T[:n].bool()
         taps[b, :n], final[b, :n] = s.taps_TMD[:n], s.final_TD[:n]
     t = torch.arange(T, device=dev)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.drafters.packing import (SequenceFeatures, batch_sequences, block_attention_masks, pack_blocks,
-                                       sample_anchors)
+from deepspec.drafters.packing import (
+    SequenceFeatures,
+    batch_sequences,
+    block_attention_masks,
+    pack_blocks,
+    sample_anchors,
+)
 
 K, MASK = 4, 99
 
