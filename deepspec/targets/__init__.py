@@ -32,9 +32,24 @@ def load_target(source: str, name: Optional[str] = None, gguf_file: Optional[str
                         chat_template=chat_template)
 
 
+_LOADED: dict[str, FrozenTarget] = {}
+
+
 def target_from_config(cfg, need_tokenizer: bool = True) -> FrozenTarget:
-    """Build the target from the `target` section of a composed config."""
+    """Build the target from the `target` section of a composed config.
+
+    The target is frozen, so one process (e.g. `deepspec quickstart` running every stage)
+    shares one loaded copy per distinct `target` section.
+    """
     t = cfg.target
+    key = f"{sorted((k, str(v)) for k, v in t.items())}|{need_tokenizer}"
+    if key not in _LOADED:
+        _LOADED.clear()  # keep at most one resident target
+        _LOADED[key] = _load_from_section(t, need_tokenizer)
+    return _LOADED[key]
+
+
+def _load_from_section(t, need_tokenizer: bool) -> FrozenTarget:
     return load_target(source=t.source, name=t.name, gguf_file=t.gguf_file, tokenizer=t.tokenizer, dtype=t.dtype,
                        device=t.device, device_map=t.device_map, stream_collapse=t.stream_collapse,
                        random_config=dict(t.random_config), seed=t.seed, chat_template=t.chat_template,
