@@ -24,8 +24,7 @@ DRAFTERS = {
     "dspark (markov r=256)": dict(kind="dspark", head="markov"),
     "dspark (rnn r=256)": dict(kind="dspark", head="rnn"),
     "dflash": dict(kind="dflash", head="none", confidence_head=False),
-    "eagle3 (full vocab)": dict(kind="eagle3", num_layers=1),
-    "eagle3 (draft vocab 32k)": dict(kind="eagle3", num_layers=1, draft_vocab_size=32000),
+    "eagle3": dict(kind="eagle3", num_layers=1),
 }
 
 
@@ -51,6 +50,8 @@ def main() -> None:
             total = sum(groups.values())
             parts = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in groups.items())
             print(f"  {label:26s} {total / 1e6:10.2f}M {shared / 1e6:13.1f}M {total / shared:17.2f}  {parts}")
+        print("  (eagle3 with a pruned draft vocabulary has the same trainable count: its LM head is the")
+        print("   frozen slice of the target's rows; pruning only shrinks the LM-head matmul)")
 
 
 if __name__ == "__main__":

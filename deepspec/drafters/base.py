@@ -21,9 +21,9 @@ class DraftOutput:
     """Training forward output; the loss applies the LM head chunk by chunk.
 
     Draft logits = hidden_NKD @ W^T (+ lowrank_NKR @ lowrank_weight_RV), where W is
-    `lm_head_weight_VD` when given (Eagle3 pruned head, a trainable parameter) and the target's
-    LM head otherwise. `t2d_V` (bool over the target vocab, Eagle3 pruning) says which target
-    columns the draft vocabulary keeps, in order.
+    `lm_head_weight_VD` when given (Eagle3 pruned vocabulary: the frozen rows of the target's LM
+    head at `draft_to_target_v`, the absolute target id of each draft entry) and the target's
+    LM head otherwise.
     """
 
     hidden_NKD: Tensor
@@ -31,7 +31,7 @@ class DraftOutput:
     lowrank_weight_RV: Optional[Tensor] = None
     conf_logit_NK: Optional[Tensor] = None
     lm_head_weight_VD: Optional[Tensor] = None
-    t2d_V: Optional[Tensor] = None
+    draft_to_target_v: Optional[Tensor] = None
 
 
 @dataclass

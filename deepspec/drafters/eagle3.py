@@ -13,10 +13,11 @@ row t. Output hidden per step is `hidden_NKD` (N = B*T rows, K steps) for the lo
 (weights ttt_decay**j, soft CE against the target's distribution).
 
 Vocabulary pruning (draft_vocab_size): keep the most frequent target tokens; `d2t` offsets
-(target_id = i + d2t[i]) and the `t2d` mask are buffers. Choice: with pruning the drafter
-trains its own `lm_head` (draft_vocab x D), initialised from the target's rows when the
-target is attached — as SpecForge does, and what the engines load; without pruning it uses
-the target's frozen LM head (a trainable full copy would cost V x D parameters).
+(target_id = i + d2t[i]) and the `t2d` mask are buffers (saved, exported). Choice: the draft
+LM head is the *frozen* slice of the target's LM head at the kept ids (SPEC §2: every drafter
+shares the target's LM head, frozen, never in optimizer state), not a trainable copy as
+SpecForge trains; the exporter writes `lm_head` = target_lm_head[draft_to_target()] for the
+engines. Without pruning the drafter uses the target's LM head as it is.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _attend_with_diagonal(q: Tensor, k0: Tensor, v0: Tensor, mask0: Tensor, diag
 
 
 class Eagle3Drafter(SharedTargetMixin, nn.Module):
-    """fc (3D -> D) + one Eagle3 layer + final norm + (pruned, trainable) LM head."""
+    """fc (3D -> D) + one Eagle3 layer + final norm; logits through the frozen (pruned) target LM head."""
 
     def __init__(self, spec: DrafterSpec, shapes: TargetShapes):
         super().__init__()
@@ -117,14 +118,13 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
         self.midlayer = Eagle3Layer(self.dims)
         self.norm = RMSNorm(D, shapes.rms_norm_eps)
         self.pruned = self.spec.draft_vocab_size is not None
+        self._draft_head: Optional[tuple[Tensor, Tensor]] = None  # (kept ids, frozen rows), built lazily
         if self.pruned:
             Vd = self.spec.draft_vocab_size
-            self.lm_head = nn.Linear(D, Vd, bias=False)
             t2d = torch.zeros(V, dtype=torch.bool)
             t2d[:Vd] = True  # placeholder map (the first Vd ids) until set_vocab_map
             self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))
             self.register_buffer("t2d", t2d)
-            self.register_buffer("lm_head_initialized", torch.tensor(False))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -132,7 +132,7 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
 
     # ---- vocabulary -------------------------------------------------------------------------
     def set_vocab_map(self, d2t: Tensor, t2d: Tensor) -> None:
-        """Install a `build_vocab_map` result; re-initialises lm_head from the target if attached."""
+        """Install a `build_vocab_map` result (the draft LM head follows the new ids)."""
         if not self.pruned:
             raise ValueError("set_vocab_map: this Eagle3 drafter has no pruned vocabulary (draft_vocab_size=None)")
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
@@ -140,28 +140,31 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
                              f"{tuple(self.d2t.shape)}, {tuple(self.t2d.shape)}")
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
-        self.lm_head_initialized.fill_(False)
-        if self._frozen is not None:
-            self._init_lm_head()
+        self._draft_head = None
 
     def draft_to_target(self) -> Tensor:
         """Target id of each draft-vocabulary entry."""
         return torch.arange(self.d2t.shape[0], device=self.d2t.device) + self.d2t
 
-    def _init_lm_head(self) -> None:
-        with torch.no_grad():
-            rows = self.frozen.lm_head_weight_VD[self.draft_to_target().to(self.frozen.lm_head_weight_VD.device)]
-            self.lm_head.weight.copy_(rows.to(self.lm_head.weight))
-            self.lm_head_initialized.fill_(True)
-
     def attach_target(self, embed_tokens, lm_head_weight: Tensor) -> None:
         super().attach_target(embed_tokens, lm_head_weight)
-        if self.pruned and not bool(self.lm_head_initialized):
-            self._init_lm_head()
+        self._draft_head = None
+
+    def draft_lm_head(self) -> Tensor:
+        """Frozen draft LM head [draft_vocab, D]: the target's rows at the kept ids (or all of it)."""
+        w = self.frozen.lm_head_weight_VD
+        if not self.pruned:
+            return w
+        ids = self.draft_to_target().to(w.device)
+        cached = self._draft_head
+        if cached is None or cached[0].shape != ids.shape or not torch.equal(cached[0], ids):
+            self._draft_head = (ids, w[ids].detach())
+        return self._draft_head[1]
 
     def draft_logits(self, hidden: Tensor) -> Tensor:
         """Logits over the draft vocabulary for post-norm hidden states."""
-        return self.lm_head(hidden) if self.pruned else self.target_logits(hidden)
+        w = self.draft_lm_head()
+        return hidden.to(w.dtype) @ w.T
 
     # ---- training ---------------------------------------------------------------------------
     def forward(self, batch: Eagle3Batch) -> DraftOutput:
@@ -187,8 +190,10 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
             hidden = self.midlayer.finish(_attend_with_diagonal(q, k0, v0, causal, diag_k, diag_v), hidden)
             outs.append(self.norm(hidden))
         hidden_NKD = torch.stack(outs, dim=2).reshape(B * T, K, -1)
-        return DraftOutput(hidden_NKD=hidden_NKD, lm_head_weight_VD=self.lm_head.weight if self.pruned else None,
-                           t2d_V=self.t2d if self.pruned else None)
+        if not self.pruned:
+            return DraftOutput(hidden_NKD=hidden_NKD)
+        return DraftOutput(hidden_NKD=hidden_NKD, lm_head_weight_VD=self.draft_lm_head(),
+                           draft_to_target_v=self.draft_to_target())
 
     # ---- inference --------------------------------------------------------------------------
     def new_state(self, batch_size: int, max_len: int, device=None) -> Eagle3State:
