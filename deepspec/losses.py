@@ -106,27 +106,79 @@ def _check_shape(name: str, t: Tensor | None, shape: tuple) -> None:
 # ------------------------------------------------------------ DSpark / DFlash losses
 
 
+def _stats_block(z_Mc, t_Mc, col_M, here_M):
+    """Pass 1 on one chunk: draft and target log-sum-exp, label logit, draft max/argmax."""
+    max_M, arg_M = z_Mc.max(dim=1)
+    lse_d = max_M + (z_Mc - max_M[:, None]).exp_().sum(dim=1).log_()
+    lse_t = torch.logsumexp(t_Mc, dim=1)
+    label = torch.where(here_M, z_Mc.gather(1, col_M[:, None])[:, 0], 0.0)
+    return lse_d, lse_t, label, max_M, arg_M
+
+
+def _tv_block(z_Mc, t_Mc, lse_d, lse_t):
+    """Pass 2 on one chunk: ||p_d - p_t||_1 and S = sum_v sign(p_d - p_t)_v p_d(v)."""
+    p = (z_Mc - lse_d[:, None]).exp_()
+    diff = p - (t_Mc - lse_t[:, None]).exp_()
+    return diff.abs().sum(dim=1), (diff.sign_() * p).sum(dim=1)
+
+
+def _grad_block(z_Mc, t_Mc, lse_d, lse_t, s_dot_p, g_ce, g_tv, col_M, here_M,
+                out_dtype: torch.dtype):
+    """d(sum g_ce*ce + g_tv*tv)/dz on one chunk: g_ce (p - onehot) + g_tv p (s - S)."""
+    p = (z_Mc - lse_d[:, None]).exp_()
+    g_z = None
+    if g_tv is not None:
+        sign = (p - (t_Mc - lse_t[:, None]).exp_()).sign_()
+        g_z = (sign - s_dot_p[:, None]) * p * g_tv[:, None]
+    if g_ce is not None:
+        cols = torch.arange(z_Mc.shape[1], device=z_Mc.device)
+        onehot = (cols[None, :] == col_M[:, None]) & here_M[:, None]
+        g = (p - onehot.to(p.dtype)) * g_ce[:, None]
+        g_z = g if g_z is None else g_z + g
+    return g_z.to(out_dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _block_fns(compiled: bool):
+    """The three per-chunk bodies, eager or through torch.compile (which fuses their
+    ~15 elementwise passes over each [M, chunk] block into a few kernels)."""
+    if not compiled:
+        return _stats_block, _tv_block, _grad_block
+    if not _COMPILED:
+        _COMPILED.update(stats=torch.compile(_stats_block, dynamic=False),
+                         tv=torch.compile(_tv_block, dynamic=False),
+                         grad=torch.compile(_grad_block, dynamic=False))
+    return _COMPILED["stats"], _COMPILED["tv"], _COMPILED["grad"]
+
+
 class _ChunkedCETV(torch.autograd.Function):
     """Per-row CE and ||p_d - p_t||_1 over M rows, chunked over V; also the draft argmax."""
 
     @staticmethod
-    def forward(ctx, h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, chunk_size):
+    def forward(ctx, h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, chunk_size, compiled):
         M, V = h_MD.shape[0], w_VD.shape[0]
         acc = _acc_dtype(h_MD.dtype)
         chunks = _chunks(V, chunk_size)
+        stats_fn, tv_fn, _ = _block_fns(compiled)
         lse_d_parts, lse_t_parts = [], []
         label_logit = h_MD.new_zeros(M, dtype=acc)
         best_val = h_MD.new_full((M,), float("-inf"), dtype=acc)
         best_idx = torch.zeros(M, dtype=torch.long, device=h_MD.device)
         for c0, c1 in chunks:  # pass 1: normalisers, label logit, argmax
             w2 = None if w2_RV is None else w2_RV[:, c0:c1]
-            z = _logits(h_MD, w_VD[c0:c1], acc, low_MR, w2)
-            lse_d_parts.append(torch.logsumexp(z, dim=1))
             here = (labels_M >= c0) & (labels_M < c1)
             col = (labels_M - c0).clamp(0, c1 - c0 - 1)
-            label_logit += torch.where(here, z.gather(1, col[:, None])[:, 0], 0.0)
-            _update_argmax(z, c0, best_val, best_idx)
-            lse_t_parts.append(torch.logsumexp(_logits(th_MD, w_VD[c0:c1], acc), dim=1))
+            lse_d_c, lse_t_c, label_c, max_c, arg_c = stats_fn(
+                _logits(h_MD, w_VD[c0:c1], acc, low_MR, w2), _logits(th_MD, w_VD[c0:c1], acc),
+                col, here)
+            lse_d_parts.append(lse_d_c)
+            lse_t_parts.append(lse_t_c)
+            label_logit += label_c
+            better = max_c > best_val  # strict: the first chunk wins ties, like torch.argmax
+            best_val = torch.where(better, max_c, best_val)
+            best_idx = torch.where(better, arg_c + c0, best_idx)
         lse_d = torch.logsumexp(torch.stack(lse_d_parts, 1), dim=1)
         lse_t = torch.logsumexp(torch.stack(lse_t_parts, 1), dim=1)
         ce = lse_d - label_logit
@@ -134,12 +186,12 @@ class _ChunkedCETV(torch.autograd.Function):
         s_dot_p = torch.zeros_like(lse_d)  # S = sum_v sign(p_d - p_t)_v p_d(v)
         for c0, c1 in chunks:  # pass 2: TV and S
             w2 = None if w2_RV is None else w2_RV[:, c0:c1]
-            p = _logits(h_MD, w_VD[c0:c1], acc, low_MR, w2).sub_(lse_d[:, None]).exp_()
-            diff = _logits(th_MD, w_VD[c0:c1], acc).sub_(lse_t[:, None]).exp_().neg_().add_(p)
-            tv += diff.abs().sum(dim=1)
-            s_dot_p += diff.sign_().mul_(p).sum(dim=1)
+            tv_c, s_c = tv_fn(_logits(h_MD, w_VD[c0:c1], acc, low_MR, w2),
+                              _logits(th_MD, w_VD[c0:c1], acc), lse_d, lse_t)
+            tv += tv_c
+            s_dot_p += s_c
         ctx.save_for_backward(h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, lse_d, lse_t, s_dot_p)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.compiled = chunk_size, compiled
         ctx.mark_non_differentiable(best_idx)
         ctx.set_materialize_grads(False)
         return ce, tv, best_idx
@@ -149,39 +201,34 @@ class _ChunkedCETV(torch.autograd.Function):
         h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, lse_d, lse_t, s_dot_p = ctx.saved_tensors
         need_h, _, _, _, need_low, need_w2 = ctx.needs_input_grad[:6]
         if g_ce is None and g_tv is None:
-            return (None,) * 7
+            return (None,) * 8
         acc = lse_d.dtype
-        M = h_MD.shape[0]
+        g_ce = None if g_ce is None else g_ce.to(acc)
+        g_tv = None if g_tv is None else g_tv.to(acc)
+        grad_fn = _block_fns(ctx.compiled)[2]
         grad_h = torch.zeros(h_MD.shape, dtype=acc, device=h_MD.device) if need_h else None
         grad_low = torch.zeros(low_MR.shape, dtype=acc, device=h_MD.device) if need_low else None
         grad_w2 = torch.zeros_like(w2_RV) if need_w2 else None
-        rows = torch.arange(M, device=h_MD.device)
         for c0, c1 in _chunks(w_VD.shape[0], ctx.chunk_size):
             w_cD = w_VD[c0:c1]
             w2 = None if w2_RV is None else w2_RV[:, c0:c1]
-            p = _logits(h_MD, w_cD, acc, low_MR, w2).sub_(lse_d[:, None]).exp_()
-            if g_tv is not None:  # g_tv * p * (sign(p - q) - S)
-                q = _logits(th_MD, w_cD, acc).sub_(lse_t[:, None]).exp_()
-                g_z = q.neg_().add_(p).sign_().sub_(s_dot_p[:, None]).mul_(p)
-                g_z.mul_(g_tv.to(acc)[:, None])
-                if g_ce is not None:
-                    g_z.addcmul_(p, g_ce.to(acc)[:, None])
-            else:  # g_ce * p, the one-hot part below
-                g_z = p.mul_(g_ce.to(acc)[:, None])
-            if g_ce is not None:
-                here = (labels_M >= c0) & (labels_M < c1)
-                g_z[rows[here], labels_M[here] - c0] -= g_ce.to(acc)[here]
+            here = (labels_M >= c0) & (labels_M < c1)
+            col = (labels_M - c0).clamp(0, c1 - c0 - 1)
+            t = None if g_tv is None else _logits(th_MD, w_cD, acc)  # TV needs the target
+            g_z = grad_fn(_logits(h_MD, w_cD, acc, low_MR, w2), t, lse_d, lse_t, s_dot_p,
+                          g_ce, g_tv, col, here, h_MD.dtype)
             if need_h:
-                grad_h += _mm(g_z.to(h_MD.dtype), w_cD.to(h_MD.dtype), acc)
+                grad_h += _mm(g_z, w_cD.to(h_MD.dtype), acc)
             if need_low:
-                grad_low += _mm(g_z.to(low_MR.dtype), w2.to(low_MR.dtype).t(), acc)
+                g_z = g_z.to(low_MR.dtype)
+                grad_low += _mm(g_z, w2.to(low_MR.dtype).t(), acc)
             if need_w2:
                 grad_w2[:, c0:c1] = _mm(low_MR.t(), g_z.to(low_MR.dtype), acc).to(w2_RV.dtype)
         return (
             None if grad_h is None else grad_h.to(h_MD.dtype),
             None, None, None,
             None if grad_low is None else grad_low.to(low_MR.dtype),
-            grad_w2, None,
+            grad_w2, None, None,
         )
 
 
@@ -210,6 +257,7 @@ def distill_losses(
     alpha_tv: float = 0.9,
     alpha_conf: float = 1.0,
     chunk_size: int = 16384,
+    compile_chunks: bool = False,
 ) -> DistillLossOutput:
     """DSpark/DFlash loss sums over N blocks of K positions (SPEC §3).
 
@@ -220,7 +268,9 @@ def distill_losses(
     (both get grad). conf_logit_NK: confidence head logits (gets grad); None means no
     confidence term. Terms with a zero alpha add no work to backward; CE, TV and the
     acceptance metrics are always computed for logging. Invalid positions cost nothing:
-    only valid rows are gathered and sent through the LM head.
+    only valid rows are gathered and sent through the LM head. compile_chunks=True runs
+    the per-chunk elementwise work through torch.compile (worth it on CUDA, where that
+    work, not the matmuls, dominates; the first call compiles).
     """
     N, K, D = hidden_NKD.shape
     V = lm_weight_VD.shape[0]
@@ -254,7 +304,7 @@ def distill_losses(
     ce_M, tv_M, argmax_M = _ChunkedCETV.apply(
         hidden_NKD.reshape(N * K, D)[idx_M], lm_weight_VD,
         target_hidden_NKD.reshape(N * K, D)[idx_M].detach(), labels_M,
-        low_MR, lowrank_weight_RV, chunk_size,
+        low_MR, lowrank_weight_RV, chunk_size, compile_chunks,
     )
     ce_sum, tv_sum = (w_M * ce_M).sum(), (w_M * tv_M).sum()
     accept_M = (1.0 - 0.5 * tv_M.detach()).clamp(0.0, 1.0)

@@ -225,3 +225,16 @@ def test_eagle_soft_ce_rejects_bad_map():
         eagle_soft_ce(x["hidden_NKD"], x["lm_weight_VD"][:5], x["target_hidden_NKD"],
                       x["lm_weight_VD"], x["valid_NK"], torch.ones(K),
                       draft_to_target_v=torch.tensor([0, 1, 2, 3, V]))
+
+
+@pytest.mark.slow
+def test_compiled_chunks_match_eager():
+    """compile_chunks=True (torch.compile of the per-chunk work) gives the eager result."""
+    x = make_inputs(seed=6, dtype=torch.float32)
+    eager = distill_losses(**x, chunk_size=16)
+    fused = distill_losses(**x, chunk_size=16, compile_chunks=True)
+    torch.testing.assert_close(fused.loss_sum, eager.loss_sum)
+    torch.testing.assert_close(fused.accept_NK, eager.accept_NK)
+    params = trainable(x)
+    for a, b in zip(grads(fused.loss_sum, params), grads(eager.loss_sum, params)):
+        torch.testing.assert_close(a, b)
