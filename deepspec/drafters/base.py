@@ -76,6 +76,11 @@ class SharedTargetMixin:
             raise RuntimeError(f"{type(self).__name__}: call attach_target(embed_tokens, lm_head_weight) first")
         return self._frozen
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the loss uses outside their module's forward (ZeRO-3 must register them
+        with `deepspeed.zero.register_external_parameter`): DSpark's W2. Empty for the others."""
+        return []
+
     def embed(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
         return F.embedding(ids, self.frozen.embed_weight_VD).to(dtype)
 

@@ -63,7 +63,7 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
                     o = sdpa_gqa(q_s, k_s, v_s, mask)
                     outs.append(o.transpose(0, 1).unflatten(0, (N, -1)))
                 c0, n0 = c0 + C, n0 + N
-            return torch.cat(outs)
+            return torch.cat(outs) if outs else torch.zeros_like(q)  # no anchors anywhere in the batch
 
         ctx = self.fuse(batch.ctx_taps_CMD)
         x = self.embed(batch.block_ids_NK, self.dtype)

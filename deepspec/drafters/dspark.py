@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deepspec.drafters.base import DraftOutput, Proposal, draw
 from deepspec.drafters.dflash import BlockDraftState, DFlashDrafter
@@ -30,6 +30,9 @@ class DSparkDrafter(DFlashDrafter):
         self.head = build_head(s.head, shapes.vocab_size, s.markov_rank, shapes.hidden_size)
         prev_dim = s.markov_rank if (self.head is not None and s.confidence_uses_markov) else 0
         self.confidence = ConfidenceHead(shapes.hidden_size, prev_dim) if s.confidence_head else None
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return [] if self.head is None else [self.head.w2]  # returned as lowrank_weight_RV for the loss
 
     def _conf(self, hidden: Tensor, prev: Tensor) -> Optional[Tensor]:
         if self.confidence is None:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from deepspec.drafters.base import DraftOutput, Proposal, SharedTargetMixin, draw
 from deepspec.drafters.dflash import layer_dims
-from deepspec.drafters.layers import DraftAttention, LayerDims, RMSNorm, SwiGLU
+from deepspec.drafters.layers import DraftAttention, LayerDims, RMSNorm, SwiGLU, sdpa_gqa
 from deepspec.drafters.packing import Eagle3Batch
 from deepspec.drafters.spec import DrafterSpec, resolve_spec
 from deepspec.targets.shapes import TargetShapes
@@ -79,30 +79,15 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def _attend_with_diagonal(q: Tensor, k0: Tensor, v0: Tensor, mask0: Tensor, diag_k: list[Tensor],
-                          diag_v: list[Tensor]) -> Tensor:
-    """Softmax over [masked step-0 keys; per-row diagonal keys of later steps].
+def _attend_steps(q: Tensor, ks: list[Tensor], vs: list[Tensor], mask: Tensor) -> Tensor:
+    """One SDPA over keys [ks[0]; ks[1]; ...] (each [B, S_i, Hkv, hd]) with a bool mask [..., T, sum S_i].
 
-    q [B, T, H, hd]; k0/v0 [B, S, Hkv, hd]; mask0 bool [B, T, S]; diag_k/v: [B, T, Hkv, hd] each.
+    The TTT "diagonal" keys are ordinary keys whose mask column is true only on their own row,
+    so the memory-efficient SDPA kernels apply and no [T, T] probabilities are kept per step.
     """
-    H, hd = q.shape[2], q.shape[3]
-    rep = H // k0.shape[2]
-    scale = hd ** -0.5
-    qh = q.transpose(1, 2).float()  # [B, H, T, hd]
-    k0h = k0.repeat_interleave(rep, dim=2).transpose(1, 2).float()
-    v0h = v0.repeat_interleave(rep, dim=2).transpose(1, 2).float()
-    scores = (qh @ k0h.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask0[:, None], float("-inf"))
-    dk = [k.repeat_interleave(rep, dim=2).transpose(1, 2).float() for k in diag_k]
-    dv = [v.repeat_interleave(rep, dim=2).transpose(1, 2).float() for v in diag_v]
-    if dk:
-        scores = torch.cat([scores, torch.stack([(qh * k).sum(-1) * scale for k in dk], dim=-1)], dim=-1)
-    probs = scores.softmax(-1)
-    S = k0.shape[1]
-    out = probs[..., :S] @ v0h
-    for i, v in enumerate(dv):
-        out = out + probs[..., S + i, None] * v
-    return out.transpose(1, 2).to(q.dtype)  # [B, T, H, hd]
+    k = torch.cat(ks, dim=1).transpose(1, 2)
+    v = torch.cat(vs, dim=1).transpose(1, 2)
+    return sdpa_gqa(q.transpose(1, 2), k, v, mask).transpose(1, 2)  # [B, T, H, hd]
 
 
 class Eagle3Drafter(SharedTargetMixin, nn.Module):
@@ -173,21 +158,19 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
         K = batch.labels_NK.shape[1]
         dev = ids.device
         t = torch.arange(T, device=dev)
-        causal = (t[None, :] <= t[:, None])[None].expand(B, T, T)
+        causal_TT = t[None, :] <= t[:, None]
+        diag_TT = torch.eye(T, dtype=torch.bool, device=dev)
         hidden = self.fc(batch.taps_BTMD.flatten(-2).to(self.dtype))
-        k0 = v0 = None
-        diag_k, diag_v, outs = [], [], []
+        ks, vs, outs = [], [], []
         for j in range(K):
             tok = torch.zeros_like(ids)
             if 1 + j < T:
                 tok[:, :T - 1 - j] = ids[:, 1 + j:]  # x_{t+1+j}
             q, k, v = self.midlayer.qkv(self.embed(tok, self.dtype), hidden, (t + j)[None].expand(B, T))
-            if j == 0:
-                k0, v0 = k, v
-            else:
-                diag_k.append(k)
-                diag_v.append(v)
-            hidden = self.midlayer.finish(_attend_with_diagonal(q, k0, v0, causal, diag_k, diag_v), hidden)
+            ks.append(k)
+            vs.append(v)
+            mask = torch.cat([causal_TT] + [diag_TT] * j, dim=1)  # step 0 causal, steps 1..j own row only
+            hidden = self.midlayer.finish(_attend_steps(q, ks, vs, mask), hidden)
             outs.append(self.norm(hidden))
         hidden_NKD = torch.stack(outs, dim=2).reshape(B * T, K, -1)
         if not self.pruned:
@@ -215,7 +198,7 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
                              f"target features held {L_B.tolist()} (>= 1); extend or crop the state first")
         dev = anchor_tokens_B.device
         S = max(int(L_B.max()) - 1, 1)
-        mask0 = (torch.arange(S, device=dev)[None, :] < (L_B - 1)[:, None])[:, None, :]  # cached entries
+        ctx_ok = (torch.arange(S, device=dev)[None, :] < (L_B - 1)[:, None])[:, None, :]  # cached entries
         b = torch.arange(B, device=dev)
         hidden = state.feats[b, L_B - 1][:, None]  # [B, 1, D]
         tok = anchor_tokens_B
@@ -226,7 +209,8 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
             q, k, v = self.midlayer.qkv(self.embed(tok[:, None], self.dtype), hidden, pos)
             step_k.append(k)
             step_v.append(v)
-            out = _attend_with_diagonal(q, k_ctx, v_ctx, mask0, step_k, step_v)
+            mask = torch.cat([ctx_ok, ctx_ok.new_ones(B, 1, j + 1)], dim=-1)
+            out = _attend_steps(q, [k_ctx, *step_k], [v_ctx, *step_v], mask)
             hidden = self.midlayer.finish(out, hidden)
             logits = self.draft_logits(self.norm(hidden))[:, 0]
             forced = None

@@ -17,7 +17,7 @@ the target never produces. Recipes set it per target:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Optional
 
 from deepspec.targets.shapes import TargetShapes
 
@@ -47,6 +47,9 @@ class DrafterSpec:
     ttt_decay: float = 0.8  # Eagle3 loss weight decay per step (weights ttt_decay**j)
     draft_vocab_size: Optional[int] = None  # Eagle3 vocabulary pruning; None = full vocab
     backbone: str = "llama"  # key of deepspec.drafters.layers.BACKBONES
+    # backbone-specific options; v4: DeepseekV4Config fields (n_routed_experts, num_experts_per_tok,
+    # n_shared_experts, moe_intermediate_size, hc_mult, q_lora_rank, o_groups, o_lora_rank, qk_rope_head_dim, ...)
+    backbone_config: dict[str, Any] = field(default_factory=dict)
     sliding_window: Optional[int] = None  # block queries see only the last `sliding_window` ctx positions
     anchors_per_seq: int = 512  # DFlash/DSpark anchors sampled per training sequence
     max_seq_len: int = 4096  # Eagle3 training rows are truncated to this many tokens
@@ -88,10 +91,13 @@ def resolve_spec(spec: DrafterSpec, shapes: TargetShapes) -> DrafterSpec:
         raise ValueError(f"drafter.num_layers={spec.num_layers} for kind='eagle3'; Eagle3 has exactly one "
                          f"decoder layer (set drafter.num_layers=1)")
     layer_ids = list(spec.layer_ids) or default_layer_ids(spec.kind, shapes.num_layers, spec.num_taps)
-    bad = [i for i in layer_ids if not 0 <= i < shapes.num_layers - 1]
+    # DeepSeek-V4: the final decoder layer's output is the 4-stream mHC residual, before hc_head and the
+    # final norm, and the published V4 DSpark taps it (Flash: [40, 41, 42] of 43 layers)
+    top = shapes.num_layers - (0 if shapes.model_type == "deepseek_v4" else 1)
+    bad = [i for i in layer_ids if not 0 <= i < top]
     if bad:
         raise ValueError(f"drafter.layer_ids {bad} are not taps of a {shapes.num_layers}-layer target: "
-                         f"use 0..{shapes.num_layers - 2} (the final layer is post-norm, never tap it)")
+                         f"use 0..{top - 1} (the final layer is post-norm, never tap it)")
     if spec.kind == "eagle3" and spec.draft_vocab_size is not None \
             and not 0 < spec.draft_vocab_size <= shapes.vocab_size:
         raise ValueError(f"drafter.draft_vocab_size={spec.draft_vocab_size} must lie in (0, {shapes.vocab_size}]")

@@ -222,3 +222,11 @@ def test_save_load_gives_identical_outputs(tmp_path, kind, head):
     assert torch.equal(a.hidden_NKD, b.hidden_NKD)
     if a.lowrank_NKR is not None:
         assert torch.equal(a.lowrank_NKR, b.lowrank_NKR) and torch.equal(a.conf_logit_NK, b.conf_logit_NK)
+
+
+def test_batch_without_anchors_gives_empty_outputs():
+    drafter, target = make("dspark")
+    ids = torch.arange(6)
+    seq = target_features(target, ids, drafter.spec.layer_ids, torch.zeros(6, dtype=torch.bool))
+    out = drafter(pack_blocks([seq], K, 4, drafter.spec.mask_token_id))
+    assert out.hidden_NKD.shape == (0, K, drafter.shapes.hidden_size) and out.conf_logit_NK.shape == (0, K)
