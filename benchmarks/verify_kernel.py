@@ -93,7 +93,7 @@ def main() -> None:
                 case = _make_case(torch, min(args.batch, 4), args.gamma, min(V, 512), mode == "greedy", dtype, "cpu")
                 t0 = time.perf_counter()
                 ref, ker = verify(**case, backend="reference"), verify(**case, backend="triton")
-                same = all(torch.equal(a, b) for a, b in zip(ref, ker))
+                same = all(torch.equal(a, b) for a, b in zip(ref, ker, strict=True))
                 print(f"{mode:8s} V={min(V, 512)}: kernel == reference: {same} ({time.perf_counter() - t0:.2f} s)")
         return
     print(f"device={torch.cuda.get_device_name()} B={args.batch} gamma={args.gamma} dtype={args.dtype}")
@@ -106,13 +106,13 @@ def main() -> None:
                 nbytes += case["draft_probs_BKV"].numel() * case["draft_probs_BKV"].element_size()
             results = {}
             for backend in ("reference", "triton"):
-                fn = lambda b=backend: verify(**case, backend=b)  # noqa: E731
+                fn = lambda b=backend, c=case: verify(**c, backend=b)  # noqa: E731
                 call_ms = _time_calls(torch, fn, args.iters)
                 graph_ms = _time_graph(torch, fn, args.iters)
                 results[backend] = (call_ms, graph_ms)
                 print(f"{mode:8s} {V:7d} {backend:9s} {call_ms:8.3f} {graph_ms:9.3f} {nbytes / graph_ms / 1e6:9.0f}")
             same = all(torch.equal(a, b) for a, b in zip(verify(**case, backend="reference"),
-                                                           verify(**case, backend="triton")))
+                                                           verify(**case, backend="triton"), strict=True))
             (rc, rg), (tc, tg) = results["reference"], results["triton"]
             print(f"{mode:8s} {V:7d} speedup triton/reference: call {rc / tc:.1f}x, graph {rg / tg:.1f}x; "
                   f"outputs identical: {same}")

@@ -83,6 +83,7 @@ def verify_reference(
             p_d_BK = torch.ones_like(p_t_BK)
         else:
             p_d_BK = draft_probs_BKV.gather(-1, x_safe_BK[..., None])[..., 0].float()
+        uniforms_BK1 = uniforms_BK1.float()
         ok_BK = uniforms_BK1[:, :K] * p_d_BK < p_t_BK
     accept_BK = ok_BK & in_vocab_BK & proposed_BK
 

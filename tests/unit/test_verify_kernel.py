@@ -176,7 +176,8 @@ def test_sampled_tokens_follow_target_distribution():
     except ImportError:
         return
     counts = torch.bincount(first, minlength=6).numpy()
-    assert chisquare(counts, p_t[0].double().numpy() * N).pvalue > 1e-5
+    expected = (p_t[0].double() / p_t[0].double().sum()).numpy() * N
+    assert chisquare(counts, expected).pvalue > 1e-5
 
 
 def test_deterministic_draft_is_lossless():
@@ -250,7 +251,7 @@ def compare_cases_in_this_process() -> dict:
         ref = verify_reference(**case)
         ker = verify_triton(**case, block_v=block)
         checked += 1
-        if not all(torch.equal(a, b) for a, b in zip(ref, ker)):
+        if not all(torch.equal(a, b) for a, b in zip(ref, ker, strict=True)):
             mismatches.append(dict(seed=seed, ref=ref.committed_BK1.tolist(), ker=ker.committed_BK1.tolist()))
     return dict(checked=checked, mismatches=mismatches)
 
@@ -285,7 +286,9 @@ print("RESULT" + json.dumps(out))
 
 
 def test_triton_kernel_matches_reference_in_interpreter():
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"triton {triton.__version__}: the interpreter before 3.9 cannot run this kernel")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(
         [sys.executable, "-c", _SUBPROCESS, __file__], cwd=REPO_ROOT, env=env,
@@ -312,4 +315,4 @@ def test_triton_backend_on_cpu_without_interpreter_explains_fix():
 
 def test_auto_backend_on_cpu_uses_reference():
     case = random_case(5, 4, 3, 20, False, True, 2, torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(verify(**case), verify_reference(**case)))
+    assert all(torch.equal(a, b) for a, b in zip(verify(**case), verify_reference(**case), strict=True))
