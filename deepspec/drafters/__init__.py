@@ -14,6 +14,9 @@ from deepspec.targets.shapes import TargetShapes
 
 def build_drafter(spec: DrafterSpec, shapes: TargetShapes) -> nn.Module:
     """A fresh drafter of `spec.kind` in the target's shapes (call `attach_target` before use)."""
+    if spec.backbone == "v4" and spec.kind in ("dspark", "dflash"):  # MoE + mHC layers (SPEC §7)
+        from deepspec.drafters.v4 import V4DSparkDrafter
+        return V4DSparkDrafter(spec, shapes)
     if spec.kind == "dflash":
         from deepspec.drafters.dflash import DFlashDrafter
         return DFlashDrafter(spec, shapes)
