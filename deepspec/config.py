@@ -159,6 +159,12 @@ class EvalConfig:
     warmup: bool = True
     seed: int = 0
     kernel: str = "auto"  # verification backend: auto | triton | reference
+    sts: str = "auto"  # STS temperatures: auto (DRAFT/sts.json if present) | none | PATH to a sts.json
+    calibration_fit_fraction: float = 0.5  # share of recorded rounds STS is fitted on (scored on the rest)
+    profile_context: int = 512  # `eval profile`: tokens already in the KV cache while SPS(B) is measured
+    profile_repeats: int = 5  # `eval profile`: timed forwards per batch size
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])  # load simulation
+    progress: bool = True  # progress bars
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""A KV-cached target for a batch of requests whose lengths differ: prefill, step, commit (rollback).
+
+One `TargetSession` holds one `transformers` DynamicCache for B requests. Slots of the cache
+are shared across the batch (slot s of every request was written by the same forward), but
+each request keeps its own validity mask over the slots and its own next position:
+
+- `prefill(prompts)` left-pads the prompts (pad slots invalid) and runs them once;
+- `step(tokens_BT)` appends T slots per request at positions next_pos_B .. next_pos_B+T-1 and
+  returns the tapped features and final hidden states of those T tokens;
+- `commit(keep_B)` keeps the first keep_B[b] of the last step's slots of request b and marks
+  the rest invalid (the rollback of rejected drafts). Trailing slots no request kept are
+  cropped from the cache; holes left inside are masked out of attention and squeezed out by
+  `compact()` once they pile up.
+
+With B = 1 there are never holes (the rejected tail is cropped), so attention runs without a
+mask, exactly as plain decoding. Holes need a cache whose layers are plain `DynamicLayer`s
+(Llama, Qwen3, ... families); targets with sliding-window or compressed caches (DeepSeek-V4)
+support B = 1 only, and only while their caches can be cropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from deepspec.targets.frozen import FrozenTarget
+
+
+@dataclass
+class StepOutput:
+    """Features of the tokens just run, aligned with the input (row t = token t of each request)."""
+
+    final_BTD: torch.Tensor  # post final norm, pre LM head
+    taps_BTMD: Optional[torch.Tensor] = None  # None when the session taps no layers
+
+
+class TargetSession:
+    """Batched KV-cached target decoding with per-request rollback (see module docstring)."""
+
+    def __init__(self, target: FrozenTarget, layer_ids: Sequence[int] = (), compact_fraction: float = 0.5):
+        from transformers import DynamicCache
+
+        self.target = target
+        self.layer_ids = list(layer_ids)
+        self.cache = DynamicCache(config=target.model.config)
+        self.valid_BS: Optional[torch.Tensor] = None  # bool, slot validity per request
+        self.next_pos_B: Optional[torch.Tensor] = None  # next position id per request
+        self.last_width = 0  # slots appended by the last step (what commit() may roll back)
+        self.compact_fraction = compact_fraction
+
+    # -- forward ------------------------------------------------------------------------------
+    def _forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: Optional[torch.Tensor],
+                 position_ids_BT: torch.Tensor) -> StepOutput:
+        if self.layer_ids:
+            out = self.target.forward(input_ids_BT, self.layer_ids, attention_mask_BT=attention_mask_BT,
+                                      position_ids_BT=position_ids_BT, past_key_values=self.cache,
+                                      use_cache=True)
+            return StepOutput(final_BTD=out.final_BTD, taps_BTMD=out.taps_BTMD)
+        with torch.no_grad():  # plain decoding: no taps
+            out = self.target.model.get_decoder()(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
+                                                  position_ids=position_ids_BT, past_key_values=self.cache,
+                                                  use_cache=True)
+        return StepOutput(final_BTD=out.last_hidden_state)
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.valid_BS is None else self.valid_BS.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.valid_BS is None else self.valid_BS.shape[1]
+
+    def prefill(self, prompts: list[list[int]]) -> StepOutput:
+        """Run the prompts (left-padded); returns features LEFT-aligned: row t = prompt token t (pads last)."""
+        if self.valid_BS is not None:
+            raise RuntimeError("TargetSession.prefill: this session already holds requests; make a new one")
+        if not prompts or min(len(p) for p in prompts) < 1:
+            raise ValueError("TargetSession.prefill: every prompt needs at least one token")
+        device = self.target.device
+        B, T = len(prompts), max(len(p) for p in prompts)
+        lengths_B = torch.tensor([len(p) for p in prompts], device=device)
+        pad_B = T - lengths_B
+        ids_BT = torch.zeros(B, T, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids_BT[b, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        t = torch.arange(T, device=device)
+        valid_BT = t[None, :] >= pad_B[:, None]
+        pos_BT = (t[None, :] - pad_B[:, None]).clamp_min(0)
+        mask = None if bool(valid_BT.all()) else valid_BT.long()
+        out = self._forward(ids_BT, mask, pos_BT)
+        self.valid_BS, self.next_pos_B, self.last_width = valid_BT, lengths_B.clone(), T
+        index_BT = (t[None, :] + pad_B[:, None]).clamp_max(T - 1)  # left-align the rows
+        final = out.final_BTD.gather(1, index_BT[:, :, None].expand(-1, -1, out.final_BTD.shape[-1]))
+        taps = None
+        if out.taps_BTMD is not None:
+            M, D = out.taps_BTMD.shape[2:]
+            taps = out.taps_BTMD.gather(1, index_BT[:, :, None, None].expand(-1, -1, M, D))
+        return StepOutput(final_BTD=final, taps_BTMD=taps)
+
+    def step(self, input_ids_BT: torch.Tensor) -> StepOutput:
+        """Append T tokens per request at its next positions; call commit() before the next step."""
+        if self.valid_BS is None:
+            raise RuntimeError("TargetSession.step: call prefill() first")
+        B, T = input_ids_BT.shape
+        if B != self.batch_size:
+            raise ValueError(f"TargetSession.step: input has {B} rows; the session holds {self.batch_size}")
+        pos_BT = self.next_pos_B[:, None] + torch.arange(T, device=input_ids_BT.device)
+        mask = None
+        if not bool(self.valid_BS.all()):
+            mask = torch.cat([self.valid_BS, self.valid_BS.new_ones(B, T)], dim=1).long()
+        out = self._forward(input_ids_BT, mask, pos_BT)
+        self.valid_BS = torch.cat([self.valid_BS, self.valid_BS.new_ones(B, T)], dim=1)
+        self.last_width = T
+        return out
+
+    # -- rollback -----------------------------------------------------------------------------
+    def commit(self, keep_B: torch.Tensor) -> None:
+        """Keep the first keep_B[b] tokens of the last step for request b; roll back the rest."""
+        T = self.last_width
+        keep_B = keep_B.to(self.valid_BS.device).long()
+        if bool((keep_B < 0).any()) or bool((keep_B > T).any()):
+            raise ValueError(f"TargetSession.commit: keep_B {keep_B.tolist()} must lie in [0, {T}] "
+                             f"(the width of the last step)")
+        S = self.num_slots
+        t = torch.arange(T, device=keep_B.device)
+        self.valid_BS[:, S - T:] = t[None, :] < keep_B[:, None]
+        self.next_pos_B = self.next_pos_B + keep_B
+        drop = T - int(keep_B.max())
+        if drop > 0:
+            self.cache.crop(-drop)
+            self.valid_BS = self.valid_BS[:, :S - drop]
+        self.last_width = 0
+        holes = int((~self.valid_BS).sum(dim=1).min())  # slots every request could lose
+        if self.batch_size > 1 and holes > self.compact_fraction * self.num_slots and holes >= 16:
+            self.compact()
+
+    def compact(self) -> None:
+        """Squeeze invalid slots out of the cache (left-padding each request to the longest)."""
+        layers = getattr(self.cache, "layers", [])
+        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return  # only plain KV layers can be re-indexed; the mask keeps decoding correct anyway
+        B, S = self.valid_BS.shape
+        n_B = self.valid_BS.sum(dim=1)
+        S_new = int(n_B.max())
+        # stable order: invalid slots first, valid ones in their original order
+        order_BS = torch.argsort(self.valid_BS.long(), dim=1, stable=True)
+        index_BS = order_BS[:, S - S_new:]
+        for layer in layers:
+            if layer.keys is None or layer.keys.numel() == 0:
+                continue
+            idx = index_BS[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = layer.keys.gather(2, idx.to(layer.keys.device))
+            layer.values = layer.values.gather(2, idx.to(layer.values.device))
+        self.valid_BS = self.valid_BS.gather(1, index_BS)

@@ -1,0 +1,113 @@
+"""Build what an eval command needs from the composed config: drafter, STS temperatures, scheduler.
+
+The one place where `eval.*` settings become typed objects (STYLE: instantiation from config
+happens in one place per command); the engine and metrics take plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from deepspec.decoding.engine import BudgetFn
+from deepspec.decoding.sampling import SamplingParams
+from deepspec.eval.evaluate import DecodeSettings
+from deepspec.targets.frozen import FrozenTarget
+
+STS_FILE = "sts.json"
+SCHEDULERS = ("none", "algorithm1", "topk")
+
+
+def load_eval_drafter(target: FrozenTarget, draft_dir: Optional[str]) -> torch.nn.Module:
+    """The drafter saved in `draft_dir`, on the target's device, sharing its embedding and LM head."""
+    from deepspec.drafters.io import load_drafter
+
+    if not draft_dir:
+        raise ValueError("eval needs draft=PATH: a checkpoint directory written by `deepspec train` "
+                         "(drafter_config.json + drafter.safetensors)")
+    path = Path(draft_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"draft={draft_dir}: no such directory (pass a checkpoint written by "
+                                f"`deepspec train`, e.g. runs/dspark/checkpoints/final)")
+    drafter = load_drafter(path, target.embed_tokens, target.lm_head_weight, map_location=str(target.device))
+    shapes = drafter.shapes
+    if shapes.vocab_size != target.vocab_size or shapes.hidden_size != target.hidden_size:
+        raise ValueError(f"draft={draft_dir} was built for a target with vocab {shapes.vocab_size} x hidden "
+                         f"{shapes.hidden_size}; {target.name} has {target.vocab_size} x {target.hidden_size}")
+    return drafter.eval()
+
+
+def sts_path(setting: str, draft_dir: Optional[str]) -> Optional[Path]:
+    """eval.sts: 'auto' = DRAFT/sts.json when it exists, 'none' = off, else a path to a sts.json."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        path = Path(draft_dir) / STS_FILE if draft_dir else None
+        return path if path is not None and path.is_file() else None
+    path = Path(setting)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.sts={setting}: no such file (write one with `deepspec eval calibrate`)")
+    return path
+
+
+def load_sts(path: Optional[Path]) -> Optional[torch.Tensor]:
+    if path is None:
+        return None
+    data = json.loads(Path(path).read_text())
+    if "temperatures" not in data:
+        raise ValueError(f"{path} holds no 'temperatures'; rewrite it with `deepspec eval calibrate`")
+    return torch.tensor([float(t) for t in data["temperatures"]], dtype=torch.float64)
+
+
+def save_sts(path: Path, temperatures: list[float], block_size: int, rounds: int, report: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"temperatures": temperatures, "block_size": block_size, "fitted_on_rounds": rounds,
+               "overall": report.get("overall", {})}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def make_budget_fn(scheduler: str, sps_table: Optional[str]) -> Optional[BudgetFn]:
+    """The prefix scheduler in the decoding loop (deepspec.decoding.scheduler), or None."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"eval.scheduler={scheduler!r}; choose one of {SCHEDULERS}")
+    if scheduler == "none":
+        return None
+    from deepspec.decoding.scheduler import SPSTable, budget_from_stale, schedule_prefixes, topk_prefixes
+
+    if not sps_table:
+        raise ValueError(f"eval.scheduler={scheduler} needs eval.sps_table=PATH: run `deepspec eval profile "
+                         f"output_dir=S` first and pass S/sps.json")
+    sps = SPSTable.load_json(sps_table)
+    history: list[torch.Tensor] = []
+
+    def budget(conf_BK: torch.Tensor, active_B: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(conf_BK.shape[0], dtype=torch.long)
+        rows = active_B.nonzero().flatten()
+        if rows.numel() == 0:
+            return out
+        conf = conf_BK[rows]
+        if scheduler == "algorithm1":
+            out[rows] = schedule_prefixes(conf, sps)
+        else:  # budget sized from confidences two rounds old, then the top-K current candidates
+            stale = history[-2] if len(history) >= 2 and history[-2].shape == conf.shape else conf
+            out[rows] = topk_prefixes(conf, budget_from_stale(stale, sps))
+            history[:] = (history + [conf])[-2:]
+        return out
+
+    return budget
+
+
+def decode_settings(ev, budget_fn: Optional[BudgetFn], sts: Optional[torch.Tensor]) -> DecodeSettings:
+    """DecodeSettings from the `eval` config section."""
+    if ev.batch_size < 1:
+        raise ValueError(f"eval.batch_size={ev.batch_size}; use 1 or more")
+    return DecodeSettings(max_new_tokens=int(ev.max_new_tokens),
+                          sampling=SamplingParams(float(ev.temperature), float(ev.top_p), int(ev.top_k)),
+                          batch_size=int(ev.batch_size), block_size=ev.block_size,
+                          confidence_threshold=ev.confidence_threshold, budget_fn=budget_fn,
+                          sts_temperatures=sts, kernel=ev.kernel, seed=int(ev.seed))
