@@ -82,9 +82,9 @@ def test_decision_never_depends_on_later_positions_of_the_same_request(schedule)
 def test_budgets_are_contiguous_prefixes():
     for seed in range(60):
         conf, sps = _random_instance(seed)
-        for mask in (admitted_mask(conf, sps),):
-            as_prefix = torch.arange(conf.shape[1])[None, :] < mask.sum(1)[:, None]
-            assert torch.equal(mask, as_prefix), seed
+        mask = admitted_mask(conf, sps)
+        as_prefix = torch.arange(conf.shape[1])[None, :] < mask.sum(1)[:, None]
+        assert torch.equal(mask, as_prefix), seed
         budget = topk_prefixes(conf, 7)
         assert int(budget.sum()) == min(7, conf.numel())
 
