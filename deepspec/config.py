@@ -174,6 +174,9 @@ class ExportConfig:
     engine_layer_ids: str = "auto"  # auto = each engine's own convention (SPEC §8)
     dtype: str = "bfloat16"
     check: bool = True  # refuse an export the engine would misread
+    # DFlash/DSpark engine layout: dspark = Qwen3DSparkModel (exact; vLLM method dspark) | dflash =
+    # DFlashDraftModel (vLLM's dflash method reads deepspec blocks one slot late: refused unless check=false)
+    dflash_layout: str = "dspark"
 
 
 @dataclass
@@ -182,8 +185,10 @@ class PlanConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    gpu_memory_gib: float = 80.0
-    tokens: int = 1_240_000_000
+    gpu_memory_gib: float = 80.0  # H100 80GB
+    tokens: int = 1_240_000_000  # feature-cache size and training cost are for this many tokens
+    mfu: float = 0.35  # assumed model FLOPs utilisation of the drafter's compute
+    interconnect_gbps: float = 400.0  # per-GPU bandwidth for ZeRO traffic (400 Gb/s InfiniBand)
 
 
 @dataclass
