@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from deepspec.drafters.base import DraftOutput, Proposal, SharedTargetMixin, draw
+from deepspec.drafters.block_attention import block_attend
 from deepspec.drafters.layers import ContextFusion, LayerDims, RMSNorm, build_layers, sdpa_gqa
-from deepspec.drafters.packing import PackedBatch, block_attention_masks
+from deepspec.drafters.packing import PackedBatch
 from deepspec.drafters.spec import DrafterSpec, resolve_spec
 from deepspec.targets.shapes import TargetShapes
 
@@ -51,20 +52,7 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
     # ---- training --------------------------------------------------------------------------
     def backbone(self, batch: PackedBatch) -> Tensor:
         """hidden_NKD after the final RMSNorm (ready for the frozen LM head)."""
-        masks = block_attention_masks(batch, self.spec.sliding_window)
-
-        def attend(q, k_blk, v_blk, ctx_k, ctx_v):
-            outs, c0, n0 = [], 0, 0
-            for C, N, mask in zip(batch.ctx_counts, batch.block_counts, masks, strict=True):
-                if N:
-                    q_s = q[n0:n0 + N].flatten(0, 1).transpose(0, 1)  # [H, N*K, hd]
-                    k_s = torch.cat([ctx_k[c0:c0 + C], k_blk[n0:n0 + N].flatten(0, 1)]).transpose(0, 1)
-                    v_s = torch.cat([ctx_v[c0:c0 + C], v_blk[n0:n0 + N].flatten(0, 1)]).transpose(0, 1)
-                    o = sdpa_gqa(q_s, k_s, v_s, mask)
-                    outs.append(o.transpose(0, 1).unflatten(0, (N, -1)))
-                c0, n0 = c0 + C, n0 + N
-            return torch.cat(outs) if outs else torch.zeros_like(q)  # no anchors anywhere in the batch
-
+        attend = block_attend(batch, self.spec.sliding_window, self.spec.attention)
         ctx = self.fuse(batch.ctx_taps_CMD)
         x = self.embed(batch.block_ids_NK, self.dtype)
         for layer in self.layers:

@@ -169,10 +169,7 @@ def sdpa_gqa(q_HQd: Tensor, k_GKd: Tensor, v_GKd: Tensor, mask: Optional[Tensor]
 
     q [..., H, Q, hd], k/v [..., Hkv, S, hd], mask bool [..., Q, S] (True = attend).
     """
-    rep = q_HQd.shape[-3] // k_GKd.shape[-3]
-    if rep > 1:
-        k_GKd = k_GKd.repeat_interleave(rep, dim=-3)
-        v_GKd = v_GKd.repeat_interleave(rep, dim=-3)
     if mask is not None:
         mask = mask.unsqueeze(-3)
-    return F.scaled_dot_product_attention(q_HQd, k_GKd, v_GKd, attn_mask=mask)
+    gqa = q_HQd.shape[-3] != k_GKd.shape[-3]
+    return F.scaled_dot_product_attention(q_HQd, k_GKd, v_GKd, attn_mask=mask, enable_gqa=gqa)

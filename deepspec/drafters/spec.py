@@ -22,6 +22,7 @@ from typing import Any, Optional
 from deepspec.targets.shapes import TargetShapes
 
 KINDS = ("dspark", "dflash", "eagle3")
+ATTENTION = ("auto", "sdpa", "flex")
 HEADS = ("markov", "rnn", "none")
 
 
@@ -51,6 +52,7 @@ class DrafterSpec:
     # n_shared_experts, moe_intermediate_size, hc_mult, q_lora_rank, o_groups, o_lora_rank, qk_rope_head_dim, ...)
     backbone_config: dict[str, Any] = field(default_factory=dict)
     sliding_window: Optional[int] = None  # block queries see only the last `sliding_window` ctx positions
+    attention: str = "auto"  # packed training attention: sdpa | flex | auto (flex on CUDA, sdpa elsewhere)
     anchors_per_seq: int = 512  # DFlash/DSpark anchors sampled per training sequence
     max_seq_len: int = 4096  # Eagle3 training rows are truncated to this many tokens
 
@@ -77,6 +79,8 @@ def resolve_spec(spec: DrafterSpec, shapes: TargetShapes) -> DrafterSpec:
         raise ValueError(f"drafter.kind={spec.kind!r}; choose one of {KINDS}")
     if spec.head not in HEADS:
         raise ValueError(f"drafter.head={spec.head!r}; choose one of {HEADS}")
+    if spec.attention not in ATTENTION:
+        raise ValueError(f"drafter.attention={spec.attention!r}; choose one of {ATTENTION}")
     if spec.kind != "eagle3":
         if spec.mask_token_id is None:
             raise ValueError(
