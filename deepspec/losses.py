@@ -22,7 +22,10 @@ S = sum_v sign(p_d - p_t)_v p_d(v). Backward recomputes each chunk's logits and
 forms the analytic gradient grad_z = g_ce (p_d - onehot) + g_tv p_d (s - S), then
 accumulates grad_h += grad_z W_c, grad_L += grad_z W2_c^T, grad_W2_c = L^T grad_z.
 Softmax arithmetic and every accumulation run in float32 (float64 stays float64)
-even for bf16 inputs. The LM head weights and the target hidden states are frozen:
+even for bf16 inputs. The elementwise work on each chunk lives in three small
+functions that `compile_chunks=True` hands to torch.compile: on CUDA that work, not
+the matmuls, dominates, and fusing it makes the chunked loss faster than the naive
+one (benchmarks/chunked_loss.py). The LM head weights and the target hidden states are frozen:
 passing an LM head that requires grad raises.
 """
 
@@ -82,11 +85,17 @@ def _chunks(V: int, chunk_size: int):
     return [(c0, min(c0 + chunk_size, V)) for c0 in range(0, V, chunk_size)]
 
 
-def _update_argmax(z_Mc: Tensor, c0: int, best_val: Tensor, best_idx: Tensor) -> None:
-    val, idx = z_Mc.max(dim=1)
-    better = val > best_val  # strict: the first chunk wins ties, like torch.argmax
-    best_val[better] = val[better]
-    best_idx[better] = idx[better] + c0
+def _update_argmax(best: tuple[Tensor, Tensor], max_M: Tensor, arg_M: Tensor,
+                   c0: int) -> tuple[Tensor, Tensor]:
+    """Running (max, argmax) over chunks; strict > so ties go to the earlier chunk, like
+    torch.argmax."""
+    better = max_M > best[0]
+    return torch.where(better, max_M, best[0]), torch.where(better, arg_M + c0, best[1])
+
+
+def _no_argmax(M: int, acc: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    return (torch.full((M,), float("-inf"), dtype=acc, device=device),
+            torch.zeros(M, dtype=torch.long, device=device))
 
 
 def _check_frozen(name: str, weight: Tensor) -> None:
@@ -116,25 +125,31 @@ def _stats_block(z_Mc, t_Mc, col_M, here_M):
 
 
 def _tv_block(z_Mc, t_Mc, lse_d, lse_t):
-    """Pass 2 on one chunk: ||p_d - p_t||_1 and S = sum_v sign(p_d - p_t)_v p_d(v)."""
+    """Pass 2 on one chunk: ||p_d - p_t||_1 and S = sum_v sign(p_d - p_t)_v p_d(v).
+    (In-place on intermediates and `del` of the inputs keep eager mode at ~3 blocks.)"""
     p = (z_Mc - lse_d[:, None]).exp_()
-    diff = p - (t_Mc - lse_t[:, None]).exp_()
-    return diff.abs().sum(dim=1), (diff.sign_() * p).sum(dim=1)
+    del z_Mc
+    diff = (t_Mc - lse_t[:, None]).exp_()
+    del t_Mc
+    diff = diff.neg_().add_(p)
+    return diff.abs().sum(dim=1), diff.sign_().mul_(p).sum(dim=1)
 
 
 def _grad_block(z_Mc, t_Mc, lse_d, lse_t, s_dot_p, g_ce, g_tv, col_M, here_M,
                 out_dtype: torch.dtype):
     """d(sum g_ce*ce + g_tv*tv)/dz on one chunk: g_ce (p - onehot) + g_tv p (s - S)."""
     p = (z_Mc - lse_d[:, None]).exp_()
-    g_z = None
-    if g_tv is not None:
-        sign = (p - (t_Mc - lse_t[:, None]).exp_()).sign_()
-        g_z = (sign - s_dot_p[:, None]) * p * g_tv[:, None]
-    if g_ce is not None:
-        cols = torch.arange(z_Mc.shape[1], device=z_Mc.device)
-        onehot = (cols[None, :] == col_M[:, None]) & here_M[:, None]
-        g = (p - onehot.to(p.dtype)) * g_ce[:, None]
-        g_z = g if g_z is None else g_z + g
+    del z_Mc
+    if g_tv is None:
+        g_z = p.mul_(g_ce[:, None])
+    else:
+        g_z = (t_Mc - lse_t[:, None]).exp_()
+        del t_Mc
+        g_z = g_z.neg_().add_(p).sign_().sub_(s_dot_p[:, None]).mul_(p).mul_(g_tv[:, None])
+        if g_ce is not None:
+            g_z.addcmul_(p, g_ce[:, None])
+    if g_ce is not None:  # the one-hot part of p - onehot
+        g_z.scatter_add_(1, col_M[:, None], torch.where(here_M, -g_ce, 0.0)[:, None])
     return g_z.to(out_dtype)
 
 
@@ -164,8 +179,7 @@ class _ChunkedCETV(torch.autograd.Function):
         stats_fn, tv_fn, _ = _block_fns(compiled)
         lse_d_parts, lse_t_parts = [], []
         label_logit = h_MD.new_zeros(M, dtype=acc)
-        best_val = h_MD.new_full((M,), float("-inf"), dtype=acc)
-        best_idx = torch.zeros(M, dtype=torch.long, device=h_MD.device)
+        best = _no_argmax(M, acc, h_MD.device)
         for c0, c1 in chunks:  # pass 1: normalisers, label logit, argmax
             w2 = None if w2_RV is None else w2_RV[:, c0:c1]
             here = (labels_M >= c0) & (labels_M < c1)
@@ -176,9 +190,7 @@ class _ChunkedCETV(torch.autograd.Function):
             lse_d_parts.append(lse_d_c)
             lse_t_parts.append(lse_t_c)
             label_logit += label_c
-            better = max_c > best_val  # strict: the first chunk wins ties, like torch.argmax
-            best_val = torch.where(better, max_c, best_val)
-            best_idx = torch.where(better, arg_c + c0, best_idx)
+            best = _update_argmax(best, max_c, arg_c, c0)
         lse_d = torch.logsumexp(torch.stack(lse_d_parts, 1), dim=1)
         lse_t = torch.logsumexp(torch.stack(lse_t_parts, 1), dim=1)
         ce = lse_d - label_logit
@@ -192,9 +204,9 @@ class _ChunkedCETV(torch.autograd.Function):
             s_dot_p += s_c
         ctx.save_for_backward(h_MD, w_VD, th_MD, labels_M, low_MR, w2_RV, lse_d, lse_t, s_dot_p)
         ctx.chunk_size, ctx.compiled = chunk_size, compiled
-        ctx.mark_non_differentiable(best_idx)
+        ctx.mark_non_differentiable(best[1])
         ctx.set_materialize_grads(False)
-        return ce, tv, best_idx
+        return ce, tv, best[1]
 
     @staticmethod
     def backward(ctx, g_ce, g_tv, _g_idx):
@@ -360,8 +372,7 @@ class _ChunkedSoftCE(torch.autograd.Function):
         acc = _acc_dtype(h_MD.dtype)
         chunks = _chunks(v, chunk_size)
         lse_d_parts, lse_q_parts, qz_parts = [], [], []
-        best = [h_MD.new_full((M,), float("-inf"), dtype=acc) for _ in range(2)]
-        best_idx = [torch.zeros(M, dtype=torch.long, device=h_MD.device) for _ in range(2)]
+        best_d, best_q = _no_argmax(M, acc, h_MD.device), _no_argmax(M, acc, h_MD.device)
         for c0, c1 in chunks:  # pass 1: normalisers and the unnormalised sum q z per chunk
             z = _logits(h_MD, wd_vD[c0:c1], acc)
             t = _logits(th_MD, wt_VD[d2t_v[c0:c1]], acc)
@@ -369,8 +380,8 @@ class _ChunkedSoftCE(torch.autograd.Function):
             lse_q_c = torch.logsumexp(t, dim=1)
             lse_q_parts.append(lse_q_c)
             qz_parts.append((torch.softmax(t, dim=1) * z).sum(dim=1))  # chunk-local q
-            _update_argmax(z, c0, best[0], best_idx[0])
-            _update_argmax(t, c0, best[1], best_idx[1])
+            best_d = _update_argmax(best_d, *z.max(dim=1), c0)
+            best_q = _update_argmax(best_q, *t.max(dim=1), c0)
         lse_d = torch.logsumexp(torch.stack(lse_d_parts, 1), dim=1)
         lse_q_Mn = torch.stack(lse_q_parts, 1)
         lse_q = torch.logsumexp(lse_q_Mn, dim=1)
@@ -384,7 +395,7 @@ class _ChunkedSoftCE(torch.autograd.Function):
         ctx.save_for_backward(h_MD, wd_vD, th_MD, wt_VD, d2t_v, lse_d, lse_q)
         ctx.chunk_size = chunk_size
         accept = (1.0 - 0.5 * tv).clamp_(0.0, 1.0)
-        correct = best_idx[0] == best_idx[1]
+        correct = best_d[1] == best_q[1]
         ctx.mark_non_differentiable(accept, correct)
         ctx.set_materialize_grads(False)
         return loss, accept, correct
