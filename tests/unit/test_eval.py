@@ -1,0 +1,121 @@
+"""Eval: metrics on hand-made rounds, benchmark loading, and `deepspec eval` / `eval calibrate` end to
+end on a tiny random Llama (SmolLM2 tokenizer) with an untrained DSpark drafter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepspec.decoding.engine import RoundLog
+from deepspec.eval.benchmarks import load_benchmark, shipped_benchmarks
+from deepspec.eval.metrics import match_metrics, per_position_acceptance, round_metrics
+
+
+def test_per_position_acceptance_is_conditional_and_skips_untested_positions():
+    # rounds: (proposed, accepted, eos_stop)
+    rounds = [(3, 3, False), (3, 1, False), (3, 0, False), (2, 2, False), (3, 1, True)]
+    n, a, e = zip(*rounds)
+    # k=1: all 5 reached, accepted in 4 -> 0.8
+    # k=2: reached by rounds with a>=1: r0, r1, r3 (r4 stopped on an accepted EOS at 1) -> 2/3
+    # k=3: reached by r0 (r3 proposed only 2) -> 1.0
+    assert per_position_acceptance(n, a, e, 3) == pytest.approx([0.8, 2 / 3, 1.0])
+    assert per_position_acceptance([1], [1], [False], 3)[1:] == [None, None]
+    log = RoundLog(request=[0] * 5, proposed=list(n), accepted=list(a), committed=[4, 2, 1, 3, 1],
+                   eos_stop=list(e))
+    m = round_metrics(log, 3)
+    assert m["tau"] == pytest.approx(1 + 7 / 5)
+    assert m["acceptance_rate"] == pytest.approx(7 / 14)
+    assert m["drafts_verified_per_round"] == pytest.approx(14 / 5)
+
+
+def test_match_metrics_reports_the_first_divergence():
+    m = match_metrics([[1, 2, 3], [4, 5, 9, 7]], [[1, 2, 3], [4, 5, 6, 7]])
+    assert m["greedy_match"] == 0.5
+    assert m["token_match_rate"] == pytest.approx(5 / 7)
+    assert m["mismatches"] == [{"prompt": 1, "position": 2, "spec_token": 9, "target_token": 6}]
+
+
+def test_benchmarks_shipped_and_by_path(tmp_path):
+    assert {"gsm8k", "math500", "humaneval", "mbpp", "mt-bench", "aime24"} <= set(shipped_benchmarks())
+    mt = load_benchmark("mt-bench", 3)
+    assert len(mt.conversations) == 3 and all(len(c) == 2 for c in mt.conversations)
+    own = tmp_path / "mine.jsonl"
+    own.write_text(json.dumps({"turns": ["a", "b"]}) + "\n\n" + json.dumps({"turns": ["c"]}) + "\n")
+    assert load_benchmark(str(own)).conversations == [["a", "b"], ["c"]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a non-empty list of strings under 'turns'"):
+        load_benchmark(str(bad))
+    with pytest.raises(FileNotFoundError, match="neither a shipped benchmark"):
+        load_benchmark("gsm9k")
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory, monkeypatch_module):
+    """A tiny random Llama with the SmolLM2 tokenizer (loaded once) and an untrained DSpark checkpoint."""
+    from deepspec.config import compose, section
+    from deepspec.drafters import build_drafter
+    from deepspec.drafters.io import save_drafter
+    import deepspec.targets
+
+    base = ["recipe=dspark_smollm2", "target=tiny_llama", "target.random_config.num_hidden_layers=4",
+            "drafter.num_layers=1", "drafter.block_size=3", "drafter.markov_rank=16"]
+    cfg = compose(base)
+    target = deepspec.targets.target_from_config(cfg)
+    monkeypatch_module.setattr(deepspec.targets, "target_from_config", lambda cfg, **_: target)
+    torch.manual_seed(0)
+    draft = tmp_path_factory.mktemp("draft")
+    save_drafter(draft, build_drafter(section(cfg, "drafter"), target.shapes))
+    return base, draft
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def run_cli(args: list[str]) -> int:
+    from deepspec.cli import main
+
+    return main(args)
+
+
+def test_eval_writes_summary_report_plots_and_calibration(tiny_eval, tmp_path):
+    base, draft = tiny_eval
+    out = tmp_path / "E"
+    rc = run_cli(["eval", *base, f"draft={draft}", "eval.benchmarks=[gsm8k,mt-bench]", "eval.max_prompts=2",
+                  "eval.max_new_tokens=5", "eval.warmup=false", "eval.progress=false", f"output_dir={out}"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for name, turns in (("gsm8k", 2), ("mt-bench", 4)):  # mt-bench: both turns of each conversation
+        b = summary["benchmarks"][name]
+        assert b["prompts"] == turns
+        assert b["greedy_match"] == 1.0 and b["token_match_rate"] == 1.0
+        assert b["tau"] >= 1.0 and b["speedup"] > 0
+        assert len(b["per_position_acceptance"]) == 3
+        assert b["spec_tokens_per_s"] > 0 and b["target_tokens_per_s"] > 0
+        assert set(b["round_ms"]) == {"draft", "verify", "other"}
+    cal = summary["calibration"]
+    assert len(cal["temperatures"]) == 3 and len(cal["threshold_sweep"]) == 10
+    for f in ("results.md", "acceptance_by_position.png", "tau_by_benchmark.png", "time_per_round.png",
+              "calibration/reliability.png", "generations.jsonl"):
+        assert (out / f).stat().st_size > 0, f
+    assert "| gsm8k |" in (out / "results.md").read_text()
+
+
+def test_calibrate_stores_sts_with_the_drafter_and_eval_uses_it(tiny_eval, tmp_path):
+    base, draft = tiny_eval
+    common = [*base, f"draft={draft}", "eval.benchmarks=[gsm8k]", "eval.max_prompts=2", "eval.max_new_tokens=6",
+              "eval.warmup=false", "eval.progress=false"]
+    assert run_cli(["eval", "calibrate", *common, f"output_dir={tmp_path / 'C'}"]) == 0
+    sts = json.loads((Path(draft) / "sts.json").read_text())
+    assert len(sts["temperatures"]) == 3 and sts["block_size"] == 3
+    assert run_cli(["eval", *common, "eval.confidence_threshold=0.3", f"output_dir={tmp_path / 'E2'}"]) == 0
+    summary = json.loads((tmp_path / "E2" / "summary.json").read_text())
+    assert summary["settings"]["sts"].endswith("sts.json")
+    assert summary["benchmarks"]["gsm8k"]["greedy_match"] == 1.0
