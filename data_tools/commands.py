@@ -1,0 +1,133 @@
+"""`deepspec data <tool>` entry points: config in, library call, summary dict out.
+
+Each function reads the composed config once, builds typed arguments and calls the
+library module that does the work (prompts.py, regenerate.py, features.py). The CLI
+writes the returned dict as ``output_dir/summary.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deepspec.runs import format_table, print0
+
+
+def _input(cfg) -> str:
+    if not cfg.input:
+        raise ValueError("input=PATH is required: the previous stage's output_dir (or a JSONL file)")
+    return str(cfg.input)
+
+
+def _layer_ids(cfg, shapes) -> list[int]:
+    from deepspec.config import section
+    from deepspec.drafters.spec import resolve_spec
+
+    return list(resolve_spec(section(cfg, "drafter"), shapes).layer_ids)
+
+
+def prompts(cfg) -> dict[str, Any]:
+    """Read, clean, de-duplicate, mix and split chat prompts (data.sources, data.weights,
+    data.max_rows, data.heldout_fraction, data.seed) into output_dir/train.jsonl and heldout.jsonl."""
+    from data_tools.prompts import format_summary, prepare_prompts
+
+    weights = None if cfg.data.weights is None else [float(w) for w in cfg.data.weights]
+    summary = prepare_prompts(list(cfg.data.sources), weights, cfg.data.max_rows, cfg.data.heldout_fraction,
+                              cfg.data.seed, Path(cfg.output_dir))
+    print0(format_summary(summary))
+    return summary
+
+
+def regenerate(cfg) -> dict[str, Any]:
+    """Regenerate every assistant turn of input=PATH (a prompts folder or a JSONL file) with the
+    target: regen.engine=hf (the target's own model) or openai (regen.urls). Resumable: rerun the
+    same command after an interruption. Writes output_dir/regenerated.jsonl."""
+    from data_tools.regenerate import SamplingSettings, format_summary, run_regeneration
+
+    r = cfg.regen
+    settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                top_k=r.top_k, thinking=r.thinking, max_turns=r.max_turns,
+                                max_seq_len=cfg.data.max_seq_len, seed=r.seed)
+    input_path = _input(cfg)
+    if r.engine == "hf":
+        from data_tools.hf_engine import HFEngine
+        from deepspec.targets import target_from_config
+
+        engine = HFEngine(target_from_config(cfg), settings, batch_size=r.batch_size,
+                          window_batches=r.window_batches)
+    elif r.engine == "openai":
+        from data_tools.openai_engine import OpenAIEngine
+
+        engine = OpenAIEngine(list(r.urls), r.model or cfg.target.name, settings, api_key=r.api_key,
+                              concurrency=r.concurrency, retries=r.retries, timeout_s=r.timeout_s,
+                              backoff_s=r.backoff_s)
+    else:
+        raise ValueError(f"regen.engine={r.engine!r}; choose hf or openai")
+    summary = run_regeneration(input_path, cfg.output_dir, engine, settings, max_rows=cfg.data.max_rows)
+    print0(format_summary(summary))
+    return summary
+
+
+def features(cfg) -> dict[str, Any]:
+    """Write the target-feature cache of input=PATH (a regenerate folder) into output_dir: per token
+    the id, loss mask, tapped layers (drafter.layer_ids) and final hidden state, stored as
+    features.dtype (fp32 | bf16 | fp16 | fp8) in shards of features.shard_tokens. Resumable."""
+    from data_tools.features import write_feature_cache
+    from deepspec.targets import target_from_config
+
+    target = target_from_config(cfg)
+    f = cfg.features
+    summary = write_feature_cache(_input(cfg), target, _layer_ids(cfg, target.shapes), cfg.output_dir,
+                                  storage_dtype=f.dtype, max_seq_len=cfg.data.max_seq_len,
+                                  shard_tokens=f.shard_tokens, batch_tokens=f.batch_tokens)
+    print0(format_table([{k: summary[k] for k in ("sequences", "tokens", "loss_tokens", "shards", "storage_dtype",
+                                                  "bytes_per_token", "total_bytes", "tokens_per_s")}]))
+    return summary
+
+
+def target_shapes(cfg):
+    """The target's TargetShapes from its config alone (no weights), loading the model only as a
+    last resort: random:TYPE -> the transformers config class; embedded / .gguf / folder -> AutoConfig."""
+    from transformers import AutoConfig
+
+    from deepspec.targets import shapes_from_hf_config
+    from deepspec.targets.loading import resolve_source
+
+    t = cfg.target
+    if t.source.startswith("random:"):
+        return shapes_from_hf_config(AutoConfig.for_model(t.source.split(":", 1)[1], **dict(t.random_config)))
+    try:
+        path, kwargs = resolve_source(t.source, t.gguf_file)
+        return shapes_from_hf_config(AutoConfig.from_pretrained(path, **kwargs))
+    except (OSError, ValueError, KeyError):
+        from deepspec.targets import target_from_config
+
+        return target_from_config(cfg, need_tokenizer=False).shapes
+
+
+def estimate(cfg) -> dict[str, Any]:
+    """Bytes per token and total size of a feature cache for the recipe's target, tapped layers
+    (drafter.layer_ids), features.dtype and data.tokens tokens, without loading the target weights;
+    printed beside DeepSpec's published 6 + 2·d·(m+1) bytes/token (bf16)."""
+    from data_tools.cache import STORAGE_DTYPES, bytes_per_token, check_dtype, deepspec_bytes_per_token
+
+    shapes = target_shapes(cfg)
+    layer_ids = _layer_ids(cfg, shapes)
+    m, d = len(layer_ids), shapes.hidden_size
+    dtype = check_dtype(cfg.features.dtype)
+    tokens = cfg.data.tokens
+    if tokens is None or tokens < 0:
+        raise ValueError("data.tokens=N is required (tokens to cache), e.g. data.tokens=1000000")
+    rows = [{"dtype": name, "bytes_per_token": bytes_per_token(m, d, name),
+             "total_GB": bytes_per_token(m, d, name) * tokens / 1e9} for name in STORAGE_DTYPES]
+    deepspec = deepspec_bytes_per_token(m, d)
+    rows.append({"dtype": "DeepSpec bf16", "bytes_per_token": deepspec, "total_GB": deepspec * tokens / 1e9})
+    print0(f"target {cfg.target.name}: hidden {d}, taps {layer_ids} (m={m}); {tokens:,} tokens; "
+           f"layout: 4 B id + 1 B mask + (m+1)·d·bytes (+ (m+1)·4 B fp8 scales)")
+    print0(format_table(rows))
+    bpt = bytes_per_token(m, d, dtype)
+    return {"target": cfg.target.name, "hidden_size": d, "layer_ids": layer_ids, "num_taps": m, "dtype": dtype,
+            "tokens": tokens, "bytes_per_token": bpt, "total_bytes": bpt * tokens,
+            "deepspec_bf16_bytes_per_token": deepspec, "deepspec_bf16_total_bytes": deepspec * tokens,
+            "ratio_vs_deepspec": round(bpt / deepspec, 4),
+            "all_dtypes": {r["dtype"]: r["bytes_per_token"] for r in rows}}

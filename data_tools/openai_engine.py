@@ -1,0 +1,137 @@
+"""Regeneration engine `openai`: any OpenAI-compatible ``/v1/chat/completions`` server.
+
+vLLM, SGLang, llama.cpp's server and the OpenAI API all speak it. Rows run in a thread
+pool (``concurrency`` rows in flight, each row's turns in order); requests go to the
+server URLs round-robin. A request that fails with a connection error, a timeout, HTTP
+408/429 or 5xx is retried up to ``retries`` times with exponential backoff
+(``backoff_s * 2**attempt``); other HTTP errors (400: e.g. a prompt over the server's
+context) end the row as ``error`` at once. ``timeout_s`` bounds a whole row (all its
+turns and retries). Uses only the standard library (``urllib``).
+
+The thinking switch is sent as ``chat_template_kwargs: {"enable_thinking": ...}`` (the
+vLLM / SGLang extension); a reply's ``reasoning_content`` (servers with a reasoning
+parser) is kept on the assistant message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from data_tools.regenerate import InputRow, RowResult, SamplingSettings
+
+RETRY_STATUS = {408, 429}
+
+
+class RequestFailed(RuntimeError):
+    """A request that will not succeed by retrying (or ran out of retries / time)."""
+
+
+def chat_url(url: str) -> str:
+    """``http://host:port``, ``.../v1`` or the full endpoint -> the full endpoint URL."""
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+class OpenAIEngine:
+    """See the module docstring."""
+
+    def __init__(self, urls: list[str], model: str, settings: SamplingSettings, api_key: str | None = None,
+                 concurrency: int = 8, retries: int = 3, timeout_s: float = 300.0, backoff_s: float = 1.0):
+        if not urls:
+            raise ValueError("regen.engine=openai needs regen.urls=[http://host:port,...] "
+                             "(OpenAI-compatible servers, e.g. `vllm serve`)")
+        if concurrency < 1 or retries < 0 or timeout_s <= 0:
+            raise ValueError(f"regen.concurrency={concurrency} (>= 1), regen.retries={retries} (>= 0), "
+                             f"regen.timeout_s={timeout_s} (> 0)")
+        self.urls = [chat_url(u) for u in urls]
+        self._next_url = itertools.cycle(range(len(self.urls)))
+        self._lock = threading.Lock()
+        self.model = model
+        self.settings = settings
+        self.api_key = api_key
+        self.concurrency = concurrency
+        self.retries = retries
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.identity: dict[str, Any] = {"engine": "openai", "name": model}
+
+    def generate_rows(self, rows: list[InputRow]) -> Iterator[RowResult]:
+        queue = iter(rows)
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="regen") as pool:
+            running: set[Future] = set()
+            while True:
+                for row in itertools.islice(queue, 2 * self.concurrency - len(running)):
+                    running.add(pool.submit(self.run_row, row))
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+
+    def run_row(self, row: InputRow) -> RowResult:
+        """All turns of one row; any failure makes the row an ``error`` result."""
+        deadline = time.monotonic() + self.timeout_s
+        result = RowResult(row.index, "success")
+        history: list[dict[str, Any]] = []
+        try:
+            for segment in row.segments(self.settings.max_turns):
+                history = history + segment
+                reply = self._chat(history, deadline)
+                message = reply["choices"][0]["message"]
+                assistant = {"role": "assistant", "content": message.get("content") or ""}
+                if message.get("reasoning_content"):
+                    assistant["reasoning_content"] = message["reasoning_content"]
+                history = history + [assistant]
+                finish = reply["choices"][0].get("finish_reason") or "stop"
+                result.finish_reasons.append("length" if finish == "length" else "stop")
+                result.new_tokens += int((reply.get("usage") or {}).get("completion_tokens") or 0)
+        except (RequestFailed, KeyError, IndexError, TypeError, ValueError) as exc:
+            return RowResult(row.index, "error", reason=f"{type(exc).__name__}: {exc}")
+        result.messages = history
+        return result
+
+    def _payload(self, messages: list[dict[str, Any]]) -> bytes:
+        s = self.settings
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": s.max_new_tokens,
+                                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                                "chat_template_kwargs": {"enable_thinking": s.thinking}}
+        if s.top_k > 0:
+            body["top_k"] = s.top_k
+        return json.dumps(body).encode()
+
+    def _chat(self, messages: list[dict[str, Any]], deadline: float) -> dict[str, Any]:
+        payload = self._payload(messages)
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestFailed(f"row timed out after {self.timeout_s} s (regen.timeout_s); last: {last}")
+            with self._lock:
+                url = self.urls[next(self._next_url)]
+            request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=remaining) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:200].decode("utf-8", "replace")
+                last = f"HTTP {exc.code} from {url}: {detail}"
+                if exc.code not in RETRY_STATUS and exc.code < 500:
+                    raise RequestFailed(last) from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                last = f"{type(exc).__name__} from {url}: {getattr(exc, 'reason', exc)}"
+            if attempt < self.retries:
+                time.sleep(max(0.0, min(self.backoff_s * 2 ** attempt, deadline - time.monotonic())))
+        raise RequestFailed(f"{self.retries + 1} attempts failed; last: {last}")

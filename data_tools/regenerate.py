@@ -1,0 +1,291 @@
+"""`deepspec data regenerate`: replace every assistant turn with the target's own answer (SPEC §4.2).
+
+The drafter must imitate the target, not the original assistant, so each row keeps its
+system/user messages and every assistant reply is generated again, turn by turn, each
+conditioned on the regenerated history. Engines (``data_tools.hf_engine``,
+``data_tools.openai_engine``) produce ``RowResult`` values; this module owns what is
+common: reading the input, row accounting, the resumable journal and the output file.
+
+Input: a ``deepspec data prompts`` folder (``train.jsonl`` then ``heldout.jsonl``; each
+row keeps its split) or one JSON Lines file (canonical rows, or any format
+``data_tools.prompts.normalise_row`` reads; a row's ``split`` field is kept, default
+``train``). ``max_rows`` keeps the first rows in that order.
+
+Accounting: every input row ends as exactly one of ``success`` / ``error`` / ``skipped``.
+Skipped reasons: ``bad_json``, the ``normalise_row`` drop reasons (e.g. ``no_user_turn``),
+``prompt_too_long`` (the first prompt leaves no room under ``max_seq_len``). A later turn
+that no longer fits ends the conversation after the last answered turn
+(``meta.regen.turns_dropped``).
+
+Resume: ``output_dir/regen_state.json`` records a fingerprint of the input and the
+settings that change answers; each finished row is appended (and fsynced) to
+``output_dir/journal.jsonl``. A restart with the same settings skips journalled rows; a
+torn last line (SIGKILL mid-write) is cut off. At the end ``regenerated.jsonl`` is
+written atomically, one row per input row in input order, each with ``status``.
+With sampling (temperature > 0) each batch is seeded from ``seed`` and its first row,
+so a resumed run draws different (equally valid) samples than an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from data_tools.jsonl import atomic_write_text, iter_jsonl, write_jsonl_atomic
+from data_tools.prompts import normalise_row
+
+OUTPUT_FILE = "regenerated.jsonl"
+JOURNAL_FILE = "journal.jsonl"
+STATE_FILE = "regen_state.json"
+STATUSES = ("success", "error", "skipped")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything that changes the answers (recorded in every row and in the fingerprint)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    thinking: bool = False
+    max_turns: int | None = None
+    max_seq_len: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"regen.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"sampling settings out of range: temperature={self.temperature} (>= 0), "
+                             f"top_p={self.top_p} (in (0, 1]), top_k={self.top_k} (>= 0)")
+
+
+@dataclass
+class InputRow:
+    """One input row: its prompt messages (system/user only, assistant turns removed)."""
+
+    index: int
+    id: str
+    split: str
+    source: str
+    messages: list[dict[str, str]]
+    meta: dict[str, Any]
+    skip_reason: str | None = None
+
+    def segments(self, max_turns: int | None) -> list[list[dict[str, str]]]:
+        """The prompt cut after each user message: turn t's prompt is segments[0..t] with
+        the regenerated replies in between. Trailing non-user messages are dropped."""
+        segments, current = [], []
+        for m in self.messages:
+            current.append(m)
+            if m["role"] == "user":
+                segments.append(current)
+                current = []
+        return segments[:max_turns] if max_turns else segments
+
+
+@dataclass
+class RowResult:
+    """What an engine reports for one row."""
+
+    index: int
+    status: str  # success | error | skipped
+    messages: list[dict[str, Any]] | None = None  # the regenerated conversation (success)
+    reason: str | None = None  # skip reason or error message
+    new_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)  # per regenerated turn: stop | length
+    turns_dropped: int = 0
+
+
+class Engine(Protocol):
+    identity: dict[str, Any]  # engine name, model / target identity
+
+    def generate_rows(self, rows: list[InputRow]) -> Iterator[RowResult]:
+        """Yield one result per row, in any order."""
+        ...
+
+
+def read_input_rows(input_path: str | Path, max_rows: int | None = None) -> tuple[list[InputRow], str]:
+    """Input rows in order (capped at ``max_rows``) and a sha256 digest of the input files."""
+    path = Path(input_path)
+    if path.is_dir():
+        files = [(path / "train.jsonl", "train"), (path / "heldout.jsonl", "heldout")]
+        if not files[0][0].exists():
+            raise FileNotFoundError(f"input={path} holds no train.jsonl: give a `deepspec data prompts` "
+                                    f"output folder or a JSONL file of chat rows")
+        files = [(f, s) for f, s in files if f.exists()]
+    elif path.is_file():
+        files = [(path, None)]
+    else:
+        raise FileNotFoundError(f"input={path}: no such file or folder (run `deepspec data prompts` first)")
+    digest = hashlib.sha256()
+    rows: list[InputRow] = []
+    for file, split in files:
+        digest.update(_file_sha256(file).encode())
+        for line_no, obj in iter_jsonl(file, on_error="yield"):
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            rows.append(_input_row(len(rows), obj, split, file, line_no))
+    return rows, digest.hexdigest()[:16]
+
+
+def _input_row(index: int, obj: Any, split: str | None, file: Path, line_no: int) -> InputRow:
+    fallback_id = f"{file.stem}:{line_no}"
+    if not isinstance(obj, dict):  # JsonLineError or not an object
+        reason = "not_an_object" if not hasattr(obj, "line_no") else "bad_json"
+        return InputRow(index, fallback_id, split or "train", file.stem, [], {}, reason)
+    split = split or str(obj.get("split", "train"))
+    canonical = isinstance(obj.get("id"), str) and isinstance(obj.get("messages"), list) and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str) for m in obj["messages"])
+    if canonical:
+        row, reason = obj, None
+    else:
+        row, reason = normalise_row(obj, file.stem, line_no - 1)
+        if row is None:
+            return InputRow(index, fallback_id, split, file.stem, [], {}, reason)
+    prompt = [{"role": m["role"], "content": m["content"]} for m in row["messages"] if m["role"] != "assistant"]
+    skip = None if any(m["role"] == "user" for m in prompt) else "no_user_turn"
+    return InputRow(index, row["id"], split, str(row.get("source", file.stem)), prompt,
+                    dict(row.get("meta") or {}), skip)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Journal:
+    """Append-only record of finished rows in ``output_dir`` (see module docstring)."""
+
+    def __init__(self, output_dir: Path, fingerprint: dict[str, Any]):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state_path = self.dir / STATE_FILE
+        if state_path.exists():
+            old = json.loads(state_path.read_text())["fingerprint"]
+            if old != fingerprint:
+                diff = {k: (old.get(k), fingerprint.get(k)) for k in set(old) | set(fingerprint)
+                        if old.get(k) != fingerprint.get(k)}
+                raise ValueError(f"{self.dir} holds a regeneration run with other settings "
+                                 f"(key: (old, new)) {diff}; rerun with the old settings to resume, or "
+                                 f"delete {self.dir} / choose another output_dir to start afresh")
+        else:
+            atomic_write_text(state_path, json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
+        self.path = self.dir / JOURNAL_FILE
+        self.done: dict[int, dict[str, Any]] = {}
+        if self.path.exists():
+            _cut_torn_tail(self.path)
+            for _, row in iter_jsonl(self.path):
+                self.done.setdefault(int(row["index"]), row)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.done.setdefault(int(row["index"]), row)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a write cut short by a kill)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def output_row(row: InputRow, result: RowResult, regen_meta: dict[str, Any]) -> dict[str, Any]:
+    """The output row for one input row (the regenerated conversation on success)."""
+    meta = dict(row.meta)
+    meta["regen"] = dict(regen_meta, new_tokens=result.new_tokens, finish_reasons=result.finish_reasons,
+                         turns_dropped=result.turns_dropped)
+    out = {"index": row.index, "id": row.id, "split": row.split, "source": row.source,
+           "status": result.status, "messages": result.messages if result.status == "success" else row.messages,
+           "meta": meta}
+    if result.reason is not None:
+        out["reason" if result.status == "skipped" else "error"] = result.reason
+    return out
+
+
+def run_regeneration(input_path: str | Path, output_dir: str | Path, engine: Engine, settings: SamplingSettings,
+                     max_rows: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Regenerate every row of ``input_path`` into ``output_dir``; returns the summary."""
+    t0 = time.perf_counter()
+    output_dir = Path(output_dir)
+    rows, digest = read_input_rows(input_path, max_rows)
+    fingerprint = {"input_sha256": digest, "engine": engine.identity, "sampling": asdict(settings)}
+    regen_meta = {"engine": engine.identity.get("engine"), "model": engine.identity.get("name"),
+                  **asdict(settings)}
+    journal = Journal(output_dir, fingerprint)
+    resumed = sum(1 for r in rows if r.index in journal.done)
+    by_index = {r.index: r for r in rows}
+    try:
+        journal.append(output_row(r, RowResult(r.index, "skipped", reason=r.skip_reason), regen_meta)
+                       for r in rows if r.skip_reason and r.index not in journal.done)
+        todo = [r for r in rows if r.index not in journal.done]
+        new_tokens = 0
+        bar = tqdm(total=len(todo), desc="regenerate", unit=" rows", disable=not progress)
+        for result in engine.generate_rows(todo):
+            journal.append([output_row(by_index[result.index], result, regen_meta)])
+            new_tokens += result.new_tokens
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{new_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+        bar.close()
+    finally:
+        journal.close()
+    missing = [r.index for r in rows if r.index not in journal.done]
+    if missing:
+        raise RuntimeError(f"engine {engine.identity.get('engine')} returned no result for rows {missing[:10]} "
+                           f"({len(missing)} rows): rerun the same command to resume them")
+    final = [journal.done[r.index] for r in rows]
+    write_jsonl_atomic(output_dir / OUTPUT_FILE, final)
+    summary = _summary(rows, final, resumed, new_tokens, time.perf_counter() - t0, fingerprint, output_dir)
+    summary["input"] = str(input_path)
+    return summary
+
+
+def _summary(rows: list[InputRow], final: list[dict[str, Any]], resumed: int, new_tokens: int, elapsed: float,
+             fingerprint: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    status = Counter(r["status"] for r in final)
+    unknown = set(status) - set(STATUSES)
+    total = sum(status[s] for s in STATUSES)
+    if unknown or total != len(rows) or len(final) != len(rows):
+        raise RuntimeError(f"row accounting failed in {output_dir}: {len(rows)} input rows but "
+                           f"{dict(status)} results; delete {output_dir / JOURNAL_FILE} and rerun")
+    skipped = Counter(r.get("reason", "?") for r in final if r["status"] == "skipped")
+    errors = [{"id": r["id"], "error": r.get("error")} for r in final if r["status"] == "error"][:10]
+    splits = Counter(r["split"] for r in final if r["status"] == "success")
+    return {"input_rows": len(rows), "success": status["success"], "error": status["error"],
+            "skipped": status["skipped"], "skipped_by_reason": dict(skipped), "error_samples": errors,
+            "resumed_rows": resumed, "new_tokens": new_tokens, "elapsed_s": round(elapsed, 2),
+            "tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 else None,
+            "success_by_split": dict(splits), "engine": fingerprint["engine"],
+            "sampling": fingerprint["sampling"], "output": str(output_dir / OUTPUT_FILE)}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    s = summary
+    lines = [f"rows {s['input_rows']}: success {s['success']}, error {s['error']}, skipped {s['skipped']}"
+             f" {s['skipped_by_reason'] or ''} (resumed {s['resumed_rows']})",
+             f"new tokens {s['new_tokens']} in {s['elapsed_s']} s ({s['tokens_per_s']} tok/s)",
+             f"output: {s['output']}"]
+    lines += [f"error {e['id']}: {e['error']}" for e in s["error_samples"][:3]]
+    return "\n".join(lines)
