@@ -119,3 +119,18 @@ def test_calibrate_stores_sts_with_the_drafter_and_eval_uses_it(tiny_eval, tmp_p
     summary = json.loads((tmp_path / "E2" / "summary.json").read_text())
     assert summary["settings"]["sts"].endswith("sts.json")
     assert summary["benchmarks"]["gsm8k"]["greedy_match"] == 1.0
+
+
+def test_profile_writes_an_sps_table_the_scheduler_loads(tiny_eval, tmp_path):
+    from deepspec.decoding.scheduler import SPSTable
+
+    base, _ = tiny_eval
+    out = tmp_path / "S"
+    assert run_cli(["eval", "profile", *base, "eval.profile_batches=[1,4,8]", "eval.profile_context=32",
+                    "eval.profile_repeats=2", "eval.concurrency=[1,8]", f"output_dir={out}"]) == 0
+    table = SPSTable.load_json(out / "sps.json")
+    assert table.batch_tokens == (1, 4, 8) and all(s > 0 for s in table.steps_per_s)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["concurrency"] for r in summary["load_simulation"]["algorithm1"]] == [1, 8]
+    assert all(r["avg_budget"] == 0 for r in summary["load_simulation"]["none"])
+    assert (out / "load_simulation.png").stat().st_size > 0
