@@ -96,10 +96,10 @@ def flex_block_attend(batch: PackedBatch, sliding_window: Optional[int] = None, 
     return attend
 
 
-def block_attend(batch: PackedBatch, sliding_window: Optional[int], impl: str) -> AttendFn:
-    """`impl`: sdpa | flex | auto (flex on CUDA, sdpa elsewhere)."""
+def block_attend(batch: PackedBatch, sliding_window: Optional[int], impl: str, head_dim: int) -> AttendFn:
+    """`impl`: sdpa | flex | auto (flex on CUDA for head_dim >= 16, the compiled kernel's minimum; else sdpa)."""
     if impl == "auto":
-        impl = "flex" if batch.block_ids_NK.is_cuda else "sdpa"
+        impl = "flex" if batch.block_ids_NK.is_cuda and head_dim >= 16 else "sdpa"
     if impl == "sdpa" or batch.num_blocks == 0:
         return sdpa_block_attend(batch, sliding_window)
     if impl == "flex":

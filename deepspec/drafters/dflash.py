@@ -52,7 +52,7 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
     # ---- training --------------------------------------------------------------------------
     def backbone(self, batch: PackedBatch) -> Tensor:
         """hidden_NKD after the final RMSNorm (ready for the frozen LM head)."""
-        attend = block_attend(batch, self.spec.sliding_window, self.spec.attention)
+        attend = block_attend(batch, self.spec.sliding_window, self.spec.attention, self.dims.head_dim)
         ctx = self.fuse(batch.ctx_taps_CMD)
         x = self.embed(batch.block_ids_NK, self.dtype)
         for layer in self.layers:
