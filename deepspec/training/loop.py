@@ -1,0 +1,165 @@
+"""One training step and the held-out evaluation, read top to bottom.
+
+    features (cache / online / hybrid) -> blocks (DFlash/DSpark: anchor packing) or
+    sequences (Eagle3: training-time test) -> drafter forward -> chunked losses ->
+    backward -> optimizer step
+
+The drafter and its loss run inside one module (`DraftLoss`) so that ZeRO-3 keeps the
+head weights the loss reads (Markov W2, Eagle3's pruned LM head) gathered until the loss
+is done. Losses are sums; every micro-batch's sum is divided by the sum of position weights
+over the whole optimizer step on all ranks (one all-reduce before the first forward), so
+one process with gradient accumulation and N processes give the same update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from deepspec.drafters.packing import (Eagle3Batch, PackedBatch, SequenceFeatures, batch_sequences,
+                                       pack_blocks)
+from deepspec.drafters.spec import DrafterSpec
+from deepspec.losses import block_tau, distill_losses, eagle_soft_ce, position_weights
+from deepspec.training.distributed import all_reduce_sum
+
+Batch = Union[PackedBatch, Eagle3Batch]
+
+
+def loss_weights(spec: DrafterSpec, gamma_w: Optional[float]) -> Tensor:
+    """w_k per block position (DFlash/DSpark, SPEC §3) or ttt_decay**j per TTT step (Eagle3)."""
+    if spec.kind == "eagle3":
+        return spec.ttt_decay ** torch.arange(spec.ttt_steps, dtype=torch.float32)
+    return position_weights(spec.block_size, gamma_w)
+
+
+def make_batch(seqs: list[SequenceFeatures], spec: DrafterSpec, seed: int, device: torch.device,
+               dtype: torch.dtype) -> Batch:
+    """Pack sequences into the drafter's training batch (anchors drawn from a generator seeded by `seed`)."""
+    seqs = [s for s in seqs if bool((s.loss_mask_T[:-1] & s.loss_mask_T[1:]).any())] or seqs
+    if spec.kind == "eagle3":
+        batch = batch_sequences(seqs, spec.max_seq_len, spec.ttt_steps)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        batch = pack_blocks(seqs, spec.block_size, spec.anchors_per_seq, spec.mask_token_id, gen)
+        if batch.num_blocks == 0:
+            raise ValueError("a micro-batch has no supervised tokens (loss masks without two consecutive "
+                             "assistant tokens): check the data's loss masks")
+    return batch.to(device, dtype)
+
+
+def supervised_weight(batch: Batch, weights_K: Tensor) -> Tensor:
+    """Sum of position weights over supervised positions: the loss normaliser's share of this batch."""
+    return (batch.valid_NK.float() * weights_K.to(batch.valid_NK.device)).sum()
+
+
+@dataclass
+class LossParts:
+    """Weighted sums for one micro-batch (loss_sum differentiable, the rest detached)."""
+
+    loss_sum: Tensor
+    ce_sum: Tensor
+    tv_sum: Tensor
+    conf_sum: Tensor
+    weight_sum: Tensor
+    accept_NK: Tensor
+    correct_NK: Tensor
+    valid_NK: Tensor
+
+
+class DraftLoss(nn.Module):
+    """The drafter plus its distillation loss; the frozen LM head is a plain attribute, not a parameter."""
+
+    def __init__(self, drafter: nn.Module, lm_head_weight_VD: Tensor, weights_K: Tensor, alpha_ce: float,
+                 alpha_tv: float, alpha_conf: float, vocab_chunk: int):
+        super().__init__()
+        self.drafter = drafter
+        self.kind = drafter.spec.kind
+        object.__setattr__(self, "lm_head_weight_VD", lm_head_weight_VD.detach())
+        self.register_buffer("weights_K", weights_K.float(), persistent=False)
+        self.alphas = (alpha_ce, alpha_tv, alpha_conf)
+        self.vocab_chunk = vocab_chunk
+
+    def forward(self, batch: Batch) -> LossParts:
+        out = self.drafter(batch)
+        w = self.weights_K
+        if self.kind == "eagle3":
+            pruned = out.lm_head_weight_VD is not None
+            draft_head = out.lm_head_weight_VD.detach() if pruned else self.lm_head_weight_VD
+            d2t = self.drafter.draft_to_target() if pruned else None
+            loss, wsum, accept, correct = eagle_soft_ce(
+                out.hidden_NKD, draft_head, batch.target_hidden_NKD, self.lm_head_weight_VD, batch.valid_NK, w,
+                d2t, self.vocab_chunk)
+            valid = batch.valid_NK.bool()
+            tv = (w * 2 * (1 - accept) * valid).sum()
+            return LossParts(loss, loss.detach(), tv, tv.new_zeros(()), wsum, accept, correct, valid)
+        a_ce, a_tv, a_conf = self.alphas
+        r = distill_losses(out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD, batch.labels_NK,
+                           batch.valid_NK, w, out.lowrank_NKR, out.lowrank_weight_RV, out.conf_logit_NK,
+                           a_ce, a_tv, a_conf, self.vocab_chunk)
+        return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
+                         r.valid_NK)
+
+
+class Tally:
+    """Running sums over micro-batches, reduced across ranks in one all-reduce."""
+
+    NAMES = ("loss", "ce", "tv", "conf", "weight", "tau", "blocks", "slots")
+
+    def __init__(self, K: int):
+        self.K = K
+        self.v = torch.zeros(len(self.NAMES) + 3 * K, dtype=torch.float64)
+
+    def add(self, parts: LossParts, slots: int) -> None:
+        valid = parts.valid_NK.bool()
+        has_block = valid[:, 0]
+        tau = block_tau(parts.accept_NK, valid)[has_block]
+        head = torch.stack([torch.as_tensor(x).detach().double().cpu() for x in (
+            parts.loss_sum, parts.ce_sum, parts.tv_sum, parts.conf_sum, parts.weight_sum, tau.sum(),
+            has_block.sum(), slots)])
+        per_k = torch.cat([parts.accept_NK.double().sum(0), parts.correct_NK.double().sum(0),
+                           valid.double().sum(0)]).cpu()
+        self.v += torch.cat([head, per_k])
+
+    def reduce(self, device: torch.device) -> dict:
+        v = all_reduce_sum(self.v.to(device)).cpu()
+        s = dict(zip(self.NAMES, v[:len(self.NAMES)].tolist()))
+        K = self.K
+        acc, cor, cnt = v[-3 * K:-2 * K], v[-2 * K:-K], v[-K:].clamp(min=1)
+        w = max(s["weight"], 1e-12)
+        return {"loss": s["loss"] / w, "ce": s["ce"] / w, "tv": s["tv"] / w, "conf": s["conf"] / w,
+                "simulated_tau": s["tau"] / max(s["blocks"], 1), "anchor_tokens": int(s["slots"]),
+                "per_position_acceptance": (acc / cnt).tolist(), "per_position_accuracy": (cor / cnt).tolist()}
+
+
+def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int) -> dict:
+    """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree)."""
+    device = next(engine.module.parameters()).device
+    local_w = sum(supervised_weight(b, weights_K) for b in batches)
+    global_w = float(all_reduce_sum(torch.as_tensor(local_w, dtype=torch.float64, device=device)))
+    if global_w <= 0:
+        raise ValueError("this optimizer step has no supervised positions on any rank: check the loss masks")
+    # DeepSpeed divides by grad_accum (engine.backward) and averages over ranks; undo both so the
+    # update is grad(sum of all weighted losses) / (sum of all weights).
+    scale = len(batches) * world_size / global_w
+    tally = Tally(weights_K.numel())
+    for batch in batches:
+        parts = engine(batch)
+        engine.backward(parts.loss_sum * scale)
+        engine.step()
+        tally.add(parts, batch.valid_NK.numel())
+    return tally.reduce(device)
+
+
+@torch.no_grad()
+def evaluate(module: DraftLoss, batches: list[Batch], device: torch.device) -> dict:
+    """Held-out loss, simulated τ and per-position acceptance/accuracy (global over ranks)."""
+    was_training = module.training
+    module.eval()
+    tally = Tally(module.weights_K.numel())
+    for batch in batches:
+        tally.add(module(batch), batch.valid_NK.numel())
+    module.train(was_training)
+    return tally.reduce(device)
