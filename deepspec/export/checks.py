@@ -134,6 +134,10 @@ def _semantic_problems(config: Mapping[str, Any], arch: str) -> list[str]:
         field = layer_id_field(engine, kind)
         written = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") if kind == "eagle3" \
             else (config.get("dflash_config") or {}).get("target_layer_ids")
+        top = config.get("eagle_aux_hidden_state_layer_ids")
+        if kind == "eagle3" and engine == "vllm" and top != written:
+            out.append(f"eagle_aux_hidden_state_layer_ids={top} (top level, the only place vLLM's V2 runner reads) "
+                       f"differs from eagle_config's {written}")
         taps = tapped_output_layers(engine, kind, written or [])
         if taps != sorted(meta["layer_ids"]):
             out.append(f"{field}={written}: {engine} would feed the outputs of layers {taps}, the drafter was "

