@@ -125,7 +125,7 @@ def main() -> int:
             if "error" in got:
                 row["vllm_error"] = got["error"]
             else:
-                diverge = [ec.first_divergence(a, b) for a, b in zip(base["tokens"], got["tokens"])]
+                diverge = [ec.first_divergence(a, b) for a, b in zip(base["tokens"], got["tokens"], strict=True)]
                 row.update({"greedy_identical": all(d is None for d in diverge), "first_divergence": diverge,
                             "mean_acceptance_length": got.get("mean_acceptance_length"),
                             "counters": got.get("counters"), "per_position": got.get("per_position"),

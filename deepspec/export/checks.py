@@ -10,7 +10,8 @@ semantics, tap order/duplicates, a confidence head the engine would drop).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from deepspec.export.conventions import layer_id_field, tapped_output_layers
 

@@ -28,7 +28,7 @@ deepspec's own `hf` format keeps deepspec ids.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 ENGINES = ("vllm", "sglang", "hf")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -32,7 +31,7 @@ STS_FILE = "sts.json"
 FORMATS = ("vllm", "sglang", "hf")
 
 
-def find_sts(draft_dir) -> Optional[list[float]]:
+def find_sts(draft_dir) -> list[float] | None:
     """STS temperatures stored with the drafter (DRAFT/sts.json), or None."""
     path = Path(draft_dir) / STS_FILE
     if not path.is_file():
@@ -58,7 +57,7 @@ def resolve_draft_dir(draft) -> Path:
 
 
 def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloat16", check: bool = True,
-                   sts_temperatures: Optional[list[float]] = None, dflash_layout: str = "dspark") -> dict:
+                   sts_temperatures: list[float] | None = None, dflash_layout: str = "dspark") -> dict:
     """Write `drafter` in format `fmt` into `output_dir`; returns the summary (files, ids, warnings)."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; choose one of {FORMATS} (or v4 for the DeepSeek-V4 mtp.* layout)")

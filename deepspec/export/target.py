@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 from safetensors.torch import save_file
 from torch import nn
@@ -23,8 +22,8 @@ TARGET_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
                 "tokenizer_config.json")
 
 
-def export_target(source: str, output_dir: str | Path, gguf_file: Optional[str] = None, dtype: str = "float32",
-                  chat_template: Optional[str] = None) -> dict:
+def export_target(source: str, output_dir: str | Path, gguf_file: str | None = None, dtype: str = "float32",
+                  chat_template: str | None = None) -> dict:
     """Dequantise/load `source` and write it as an HF directory; returns {files, seconds, ...}.
 
     `dtype` is the dtype the weights are written in (float32 keeps the dequantised values exact).

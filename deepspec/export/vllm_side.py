@@ -48,7 +48,6 @@ def inspect(args) -> dict:
     out["draft_model_class"] = f"{model_cls.__module__}.{model_cls.__name__}"
     out["resolved_arch"] = arch
     from vllm.v1.worker.gpu.spec_decode.eagle.eagle3_utils import get_eagle3_aux_layers_from_config
-
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     class _Runner:  # the V1 runner's method reads only self.speculative_config

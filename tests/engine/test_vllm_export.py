@@ -48,7 +48,7 @@ def engine_dirs():
 
 def test_vllm_config_code_reads_our_exports(engine_dirs):
     root, target_dir, exports = engine_dirs
-    for name, (out, method, drafter, summary) in exports.items():
+    for name, (out, method, drafter, _summary) in exports.items():
         got = ec.run_vllm("inspect", target_dir, root / f"inspect_{name}.json", draft=out, method=method, k=K)
         taps = sorted(drafter.spec.layer_ids)
         if method == "dspark":
@@ -81,7 +81,7 @@ def test_greedy_output_identical_to_target_only(engine_dirs, tmp_path):
         got = ec.run_vllm("generate", target_dir, tmp_path / f"{name}.json", draft=out, method=method, k=K,
                           prompts=pfile, max_tokens=24)
         assert "error" not in got, (name, got.get("error"))
-        for i, (a, b) in enumerate(zip(base["tokens"], got["tokens"])):
+        for i, (a, b) in enumerate(zip(base["tokens"], got["tokens"], strict=True)):
             assert a == b, f"{name}: prompt {i} diverges from target-only vLLM at token {ec.first_divergence(a, b)}"
         report[name] = got.get("mean_acceptance_length")
         assert got.get("counters", {}).get("vllm:spec_decode_num_drafts", 0) > 0, f"{name}: vLLM never drafted"

@@ -167,6 +167,7 @@ def test_expected_keys_follow_the_config(tiny_target):
     keys = expected_keys(exp.config)
     assert keys["lm_head.weight"] == (64, drafter.shapes.hidden_size) and keys["d2t"] == (64,)
     assert keys["fc.weight"] == (drafter.shapes.hidden_size, 3 * drafter.shapes.hidden_size)
+    assert exp.config["eagle_aux_hidden_state_layer_ids"] == exp.config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
     unpruned, _ = make(tiny_target, "eagle3", family="llama")
     assert "lm_head.weight" not in expected_keys(engine_layout(unpruned, "vllm", "float32").config)
 
