@@ -225,3 +225,32 @@ def test_cli_export_carries_sts_and_mask_token(tiny_target, tmp_path):
     hf = run(compose(["recipe=dspark_smollm2", f"draft={draft}", "format=hf", f"output_dir={tmp_path / 'h'}"]))
     assert json.loads((tmp_path / "h" / "config.json").read_text())["deepspec"]["sts_temperatures"][1] == 1.5
     assert "sts.json" in hf["files"]
+
+
+def test_cli_pruned_eagle3_takes_the_lm_head_from_the_training_runs_target(tiny_target, tmp_path):
+    """The pruned Eagle3 head is a frozen slice of the target's LM head: the export loads the target the
+    run recorded (RUN/config.yaml), writes lm_head for the engine, and a re-import checks it."""
+    import yaml
+
+    from deepspec.config import compose
+    from deepspec.export.run import run
+    from tests.conftest import TINY
+
+    drafter, target = make(tiny_target, "eagle3", family="llama", draft_vocab_size=64)
+    run_dir = tmp_path / "run"
+    save_drafter(run_dir / "checkpoints" / "final", drafter)
+    recorded = {"target": {"name": "tiny-llama", "source": "random:llama", "gguf_file": None, "tokenizer": None,
+                           "dtype": "float32", "device": "cpu", "device_map": None, "stream_collapse": "mean",
+                           "random_config": TINY["llama"], "seed": 0, "chat_template": None}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    out = tmp_path / "x"
+    summary = run(compose(["recipe=eagle3_smollm2", f"draft={run_dir}", "format=vllm", f"output_dir={out}",
+                           "export.dtype=float32"]))
+    assert summary["target"].startswith("tiny-llama") and summary["layer_ids"]["written"] == [2, 3, 5]
+    written = load_file(str(out / ENGINE_WEIGHTS))["lm_head.weight"]
+    assert torch.equal(written, target.lm_head_weight[drafter.draft_to_target()].to(written.dtype))
+    back = load_exported(out, target.embed_tokens, target.lm_head_weight)
+    assert_same_outputs(propose(drafter, target), propose(back, target))
+    other = tiny_target("llama", seed=3)  # another target: the written head no longer matches
+    with pytest.raises(ValueError, match="written for another target"):
+        load_exported(out, other.embed_tokens, other.lm_head_weight)
