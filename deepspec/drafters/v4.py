@@ -48,14 +48,23 @@ from deepspec.targets.shapes import TargetShapes
 # keys of drafter.backbone_config that deepspec sets itself (from the target and the spec)
 _OWNED = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
           "num_hidden_layers", "layer_types", "mlp_layer_types", "sliding_window", "rms_norm_eps")
-_ALLOWED = {f.name for f in fields(DeepseekV4Config)} | {"qk_rope_head_dim"}
+_ALLOWED = {f.name for f in fields(DeepseekV4Config)} | {"qk_rope_head_dim", "experts_implementation"}
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # transformers' routed-expert kernels
 
 
 def v4_config(dims: LayerDims, num_layers: int, options: Optional[dict[str, Any]] = None,
               vocab_size: int = 129280) -> DeepseekV4Config:
     """The DeepseekV4Config of `num_layers` draft layers: geometry from `dims`, the rest from
-    `options` (drafter.backbone_config) over transformers' V4-Flash defaults."""
+    `options` (drafter.backbone_config) over transformers' V4-Flash defaults.
+
+    `experts_implementation` picks transformers' routed-expert kernel: eager (a loop over the hit
+    experts), grouped_mm (one grouped GEMM; the fast one on H100) or batched_mm -- same numbers.
+    """
     options = dict(options or {})
+    experts = options.pop("experts_implementation", "eager")
+    if experts not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"drafter.backbone_config.experts_implementation={experts!r}; choose one of "
+                         f"{EXPERTS_IMPLEMENTATIONS}")
     owned = sorted(set(options) & set(_OWNED))
     unknown = sorted(set(options) - _ALLOWED)
     if owned or unknown:
@@ -72,7 +81,7 @@ def v4_config(dims: LayerDims, num_layers: int, options: Optional[dict[str, Any]
     if (cfg.num_attention_heads * cfg.head_dim) % cfg.o_groups:
         raise ValueError(f"drafter: {cfg.num_attention_heads} heads x head_dim {cfg.head_dim} do not split into "
                          f"backbone_config.o_groups={cfg.o_groups} groups")
-    cfg._experts_implementation = "eager"  # the loop over hit experts; runs on CPU and under ZeRO-3
+    cfg._experts_implementation = experts
     return cfg
 
 

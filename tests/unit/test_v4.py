@@ -188,12 +188,23 @@ def test_v4_targets_may_tap_their_final_layer_others_may_not():
         resolve_spec(spec, llama)
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_expert_kernels_give_the_eager_numbers(target, impl):
+    drafter = make(target)
+    _, batch = batch_for(target, drafter)
+    ref = full_logits(target, drafter(batch))
+    drafter.v4_config._experts_implementation = impl  # shared by every layer's MoE block
+    torch.testing.assert_close(full_logits(target, drafter(batch)), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_backbone_config_rejects_keys_deepspec_owns_and_typos():
     dims = LayerDims(hidden_size=32, num_heads=4, num_kv_heads=1, head_dim=16, intermediate_size=16)
     with pytest.raises(ValueError, match="hidden_size"):
         v4_config(dims, 1, {"hidden_size": 64})
     with pytest.raises(ValueError, match="n_routed_expert"):
         v4_config(dims, 1, {"n_routed_expert": 4})
+    with pytest.raises(ValueError, match="experts_implementation"):
+        v4_config(dims, 1, {"experts_implementation": "fast"})
 
 
 def test_export_import_round_trip_gives_identical_outputs(target, tmp_path):
