@@ -1,18 +1,20 @@
 """Which sequences each rank trains on, step by step, reproducibly.
 
-Every epoch is a permutation of the dataset drawn from (seed, epoch). Optimizer step s of
-an epoch takes the next `global_batch` sequences of that permutation and cuts them into
-groups of `micro_batch`; group g goes to rank g % world_size as its micro-batch
-g // world_size. Each rank reads only its own groups (its data shard). A group's anchor
-sampling generator is seeded from (seed, epoch, group position), so the same group draws
-the same anchors whichever rank trains it: one process with gradient accumulation and
-several processes without it see exactly the same blocks, and a resumed run sees exactly
-what the uninterrupted run saw. The data position is (epoch, step within the epoch).
+The data order is one endless stream: epoch e is a permutation of the dataset drawn from
+(seed, e), and the epochs follow each other. Optimizer step s takes stream positions
+[s*G, (s+1)*G) (G = global_batch) and cuts them into groups of `micro_batch`; group g goes
+to rank g % world_size as its micro-batch g // world_size. Each rank reads only its own
+groups (its data shard). A group's anchor-sampling generator is seeded from (seed, stream
+position), so the same group draws the same anchors whichever rank trains it: one process
+with gradient accumulation and several processes without it see exactly the same blocks,
+and a resumed run sees exactly what the uninterrupted run saw. The data position is the
+step (stream position s*G, epoch s*G // dataset size).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -23,17 +25,17 @@ class MicroBatchPlan:
     seed: int  # seed of the anchor-sampling generator for this group
 
 
-def steps_per_epoch(num_sequences: int, global_batch: int) -> int:
-    """Full optimizer steps in one epoch (the remainder of a permutation is dropped)."""
-    if num_sequences < global_batch:
-        raise ValueError(f"the training data has {num_sequences} sequences, fewer than trainer.global_batch="
-                         f"{global_batch}: lower trainer.global_batch or add data")
-    return num_sequences // global_batch
+def steps_for_epochs(num_sequences: int, global_batch: int, epochs: float) -> int:
+    """Optimizer steps that read `epochs` passes over the data (at least one)."""
+    if num_sequences < 1:
+        raise ValueError("the training data is empty: check input= and its train split")
+    return max(1, round(epochs * num_sequences / global_batch))
 
 
-def epoch_permutation(num_sequences: int, seed: int, epoch: int) -> list[int]:
+@lru_cache(maxsize=4)
+def epoch_permutation(num_sequences: int, seed: int, epoch: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(_mix(seed, epoch, -1))
-    return torch.randperm(num_sequences, generator=g).tolist()
+    return tuple(torch.randperm(num_sequences, generator=g).tolist())
 
 
 def _mix(*parts: int) -> int:
@@ -45,20 +47,21 @@ def _mix(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+def stream(num_sequences: int, seed: int, start: int, count: int) -> list[int]:
+    """Dataset indices at stream positions [start, start + count)."""
+    return [epoch_permutation(num_sequences, seed, p // num_sequences)[p % num_sequences]
+            for p in range(start, start + count)]
+
+
 def plan_step(num_sequences: int, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int,
               global_step: int) -> tuple[int, list[MicroBatchPlan]]:
     """(epoch, this rank's micro-batches) for 0-based optimizer step `global_step`."""
-    per_epoch = steps_per_epoch(num_sequences, global_batch)
-    epoch, step_in_epoch = divmod(global_step, per_epoch)
-    order = epoch_permutation(num_sequences, seed, epoch)
-    start = step_in_epoch * global_batch
+    start = global_step * global_batch
     plans = []
-    for g in range(global_batch // micro_batch):
-        if g % world_size != rank:
-            continue
+    for g in range(rank, global_batch // micro_batch, world_size):
         g0 = start + g * micro_batch
-        plans.append(MicroBatchPlan(indices=order[g0:g0 + micro_batch], seed=_mix(seed, epoch, g0)))
-    return epoch, plans
+        plans.append(MicroBatchPlan(indices=stream(num_sequences, seed, g0, micro_batch), seed=_mix(seed, g0)))
+    return start // num_sequences, plans
 
 
 def eval_plan(num_sequences: int, eval_sequences: int, micro_batch: int, world_size: int, rank: int,

@@ -12,7 +12,6 @@ tensorboard/ and returns the summary (summary.json).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepspec.config import section
 from deepspec.drafters import build_drafter, resolve_spec
-from deepspec.runs import format_table, print0
+from deepspec.runs import format_table, print0, rank, world_size
 from deepspec.training import checkpoint as ckpt
-from deepspec.training.data import eval_plan, plan_step, steps_per_epoch
+from deepspec.training.data import eval_plan, plan_step, steps_for_epochs
 from deepspec.training.distributed import (DistEnv, build_engine, deepspeed_json, grad_accum_steps,
                                            init_distributed)
 from deepspec.training.logging import RunLogger, plot_loss_curve
@@ -50,10 +49,15 @@ def open_sources(cfg: DictConfig, target, layer_ids: list[int]):
         raise ValueError("input=PATH is required: a `deepspec data regenerate` output directory or a features cache")
     from data_tools.features import open_feature_source
 
+    cache_dir = cfg.features.cache_dir
+    if cache_dir and cfg.features.source == "hybrid" and world_size() > 1:
+        cache_dir = str(Path(cache_dir) / f"rank_{rank():05d}")  # ranks read different sequences: own shards
+
     def open_split(split: str):
         return open_feature_source(cfg.input, target, layer_ids, mode=cfg.features.source, split=split,
-                                   max_seq_len=cfg.data.max_seq_len, cache_dir=cfg.features.cache_dir,
-                                   storage_dtype=cfg.features.dtype)
+                                   max_seq_len=cfg.data.max_seq_len, cache_dir=cache_dir,
+                                   storage_dtype=cfg.features.dtype, batch_tokens=cfg.features.batch_tokens,
+                                   shard_tokens=cfg.features.shard_tokens)
 
     train_source = open_split("train")
     try:
@@ -73,8 +77,7 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     bf16 = tr.precision == "bf16" or (tr.precision == "auto" and env.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     grad_accum = grad_accum_steps(tr.global_batch, tr.micro_batch, env.world_size)
-    per_epoch = steps_per_epoch(len(train_source), tr.global_batch)
-    total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * per_epoch))
+    total_steps = tr.max_steps or steps_for_epochs(len(train_source), tr.global_batch, tr.epochs)
 
     torch.manual_seed(cfg.seed)
     drafter = build_drafter(spec, target.shapes)
@@ -115,7 +118,8 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     n_params = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     print0(format_table([{"drafter": spec.kind, "trainable": f"{n_params / 1e6:.2f}M", "world": env.world_size,
                           "zero": ds.zero_stage, "global_batch": tr.global_batch, "micro": tr.micro_batch,
-                          "grad_accum": grad_accum, "steps": total_steps, "steps/epoch": per_epoch,
+                          "grad_accum": grad_accum, "steps": total_steps,
+                          "epochs": round(total_steps * tr.global_batch / len(train_source), 2),
                           "train_seqs": len(train_source), "heldout_seqs": len(heldout),
                           "precision": "bf16" if bf16 else "fp32"}]))
 
