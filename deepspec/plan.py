@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -47,7 +47,7 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak
 GIB = 2 ** 30
 
 
-def target_config(source: str, name: str, random_config: Optional[dict] = None):
+def target_config(source: str, name: str, random_config: dict | None = None):
     """The target's `transformers` config without loading weights (random:TYPE, local dir, V4 presets)."""
     from transformers import AutoConfig, DeepseekV4Config
 

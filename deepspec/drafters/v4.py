@@ -30,7 +30,7 @@ Differences from the published drafter (exact elsewhere; see deepspec/export/v4.
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,7 @@ _ALLOWED = {f.name for f in fields(DeepseekV4Config)} | {"qk_rope_head_dim", "ex
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # transformers' routed-expert kernels
 
 
-def v4_config(dims: LayerDims, num_layers: int, options: Optional[dict[str, Any]] = None,
+def v4_config(dims: LayerDims, num_layers: int, options: dict[str, Any] | None = None,
               vocab_size: int = 129280) -> DeepseekV4Config:
     """The DeepseekV4Config of `num_layers` draft layers: geometry from `dims`, the rest from
     `options` (drafter.backbone_config) over transformers' V4-Flash defaults.
@@ -135,7 +135,7 @@ class V4DraftLayer(nn.Module):
     as streams [..., K, hc, D], and returns streams. Same interface as `LlamaDraftLayer`.
     """
 
-    def __init__(self, dims: LayerDims, layer_idx: int = 0, config: Optional[DeepseekV4Config] = None):
+    def __init__(self, dims: LayerDims, layer_idx: int = 0, config: DeepseekV4Config | None = None):
         super().__init__()
         cfg = config or v4_config(dims, layer_idx + 1)
         self.layer_idx, self.hc_mult = layer_idx, cfg.hc_mult

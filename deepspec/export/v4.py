@@ -43,7 +43,6 @@ import json
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -217,7 +216,7 @@ def read_mtp_tensors(directory) -> dict[str, Tensor]:
     return out
 
 
-def _dequant_fp8(name: str, w: Tensor, scale: Optional[Tensor]) -> Tensor:
+def _dequant_fp8(name: str, w: Tensor, scale: Tensor | None) -> Tensor:
     """FP8 e4m3 weight with one scale per 128x128 block (V3/V4 checkpoints) -> bf16."""
     if scale is None:
         raise ValueError(f"V4 import: {name} is FP8 but the checkpoint has no {name.removesuffix('.weight')}.scale")
