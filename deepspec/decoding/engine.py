@@ -235,6 +235,10 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
         active_B = stop.active_mask(device)
         n_B = torch.full((B,), K, dtype=torch.long, device=device)
         logits_BK = _conf_logits(None if prop.conf_BK is None else prop.conf_BK[:, :K])
+        if logits_BK is None and (confidence_threshold is not None or budget_fn is not None):
+            raise ValueError(f"eval.confidence_threshold / eval.scheduler need confidences, but this "
+                             f"{spec.kind} drafter has no confidence head; unset them or use a DSpark drafter "
+                             f"trained with drafter.confidence_head=true")
         if logits_BK is not None and (confidence_threshold is not None or budget_fn is not None):
             conf_BK = calibrated_confidence(logits_BK, sts_temperatures).to(device)
             if confidence_threshold is not None:

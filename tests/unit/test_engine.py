@@ -207,3 +207,10 @@ def test_block_size_beyond_the_drafter_is_refused(tiny_target):
     target = tiny_target("llama")
     with pytest.raises(ValueError, match="block size"):
         generate_speculative(target, make_drafter(target, "dflash"), [[1, 2, 3]], 4, GREEDY, [], block_size=9)
+
+
+def test_threshold_without_a_confidence_head_is_refused(tiny_target):
+    target = tiny_target("llama")
+    with pytest.raises(ValueError, match="no confidence head"):
+        generate_speculative(target, make_drafter(target, "dflash"), [[1, 2, 3]], 4, GREEDY, [],
+                             confidence_threshold=0.5)
