@@ -68,6 +68,83 @@ def inspect(args) -> dict:
     return out
 
 
+def _engine_config(args, allow_v2_only: bool):
+    from vllm.engine.arg_utils import EngineArgs
+
+    if allow_v2_only:  # build the config a GPU (V2 runner) deployment would get, to load the draft on CPU
+        from vllm.config.vllm import VllmConfig
+
+        VllmConfig._get_v1_model_runner_unsupported_features = lambda self: []
+    ea = EngineArgs(model=args.target, speculative_config=_spec_config(args), enforce_eager=True,
+                    dtype="float32", max_model_len=args.max_model_len, gpu_memory_utilization=args.mem)
+    return ea.create_engine_config()
+
+
+def load(args) -> dict:
+    """Instantiate vLLM's draft model class for the export and run its own load_weights on our file,
+    then compare every vLLM parameter with the tensor we meant for it (stacked qkv / gate_up included)."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    cfg = _engine_config(args, allow_v2_only=True)
+    sc = cfg.speculative_config
+    model_cls, arch = ModelRegistry.resolve_model_cls(sc.draft_model_config.architectures, sc.draft_model_config)
+    with set_current_vllm_config(cfg), torch.device("cpu"):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"file://{tempfile.mktemp()}")
+        initialize_model_parallel(1, 1)
+        model = model_cls(vllm_config=cfg, prefix="draft")
+    ours = load_file(f"{args.draft}/model.safetensors")
+    with set_current_vllm_config(cfg):
+        model.load_weights(iter(list(ours.items())))
+    params = dict(model.named_parameters())
+    covered, mismatched, missing_param = set(), [], []
+    for name, t in ours.items():
+        if name == "t2d" or name.startswith("deepspec_unmapped."):
+            continue
+        if name == "d2t":
+            pname, sl = "draft_id_to_target_id", None
+        elif name.startswith("lm_head."):
+            pname, sl = name, None
+        else:
+            pname, sl = "model." + name.replace("midlayer.", "layers.0."), None
+            for part, (fused, idx) in {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1),
+                                       ".v_proj.": (".qkv_proj.", 2), ".gate_proj.": (".gate_up_proj.", 0),
+                                       ".up_proj.": (".gate_up_proj.", 1)}.items():
+                if part in pname:
+                    pname, sl = pname.replace(part, fused), (part, idx)
+        if pname not in params:
+            missing_param.append(f"{name} -> {pname}")
+            continue
+        p = params[pname].detach()
+        if sl is not None:
+            if "qkv" in pname:
+                attn = model.get_submodule(pname.rsplit(".qkv_proj.", 1)[0] + ".qkv_proj")
+                q = attn.num_heads * attn.head_size
+                kv = attn.num_kv_heads * attn.head_size
+                bounds = [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
+            else:
+                half = p.shape[0] // 2
+                bounds = [(0, half), (half, 2 * half)]
+            lo, hi = bounds[sl[1]]
+            p = p[lo:hi]
+        covered.add(pname)
+        if p.shape != t.shape or not torch.equal(p.to(t.dtype), t):
+            mismatched.append(f"{name} -> {pname} {tuple(p.shape)} vs {tuple(t.shape)}")
+    shared = ("embed_tokens", "lm_head")  # shared from the target at run time when absent
+    never = sorted(n for n in params if n not in covered and not any(s in n for s in shared)
+                   and "mask_embedding" not in n)
+    return {"draft_model_class": f"{model_cls.__module__}.{model_cls.__name__}", "resolved_arch": arch,
+            "checkpoint_tensors": len(ours), "vllm_parameters": len(params), "mismatched": mismatched,
+            "no_vllm_parameter": missing_param, "vllm_parameters_not_loaded": never,
+            "confidence_head_kept": getattr(getattr(model, "model", None), "confidence_head", None) is not None}
+
+
 def _metric_sums(metrics) -> dict:
     sums: dict = {}
     per_pos: dict = {}
@@ -112,7 +189,7 @@ def generate(args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["inspect", "generate"])
+    ap.add_argument("command", choices=["inspect", "load", "generate"])
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft")
     ap.add_argument("--method")
@@ -124,7 +201,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     try:
-        result = inspect(args) if args.command == "inspect" else generate(args)
+        result = {"inspect": inspect, "load": load, "generate": generate}[args.command](args)
     except BaseException as exc:  # the exact error is the finding when vLLM refuses a method
         result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
     with open(args.out, "w") as fh:

@@ -86,3 +86,26 @@ def test_greedy_output_identical_to_target_only(engine_dirs, tmp_path):
         report[name] = got.get("mean_acceptance_length")
         assert got.get("counters", {}).get("vllm:spec_decode_num_drafts", 0) > 0, f"{name}: vLLM never drafted"
     print("vLLM mean acceptance length (untrained drafters):", report)
+
+
+def test_vllm_weight_loader_takes_every_tensor_where_we_meant_it(engine_dirs):
+    """vLLM's own draft model class (built with the config a GPU/V2 deployment gets, so DSpark loads
+    on CPU too) runs its load_weights on our file: every vLLM parameter equals the tensor we wrote
+    for it (stacked q/k/v and gate/up slices included) and none is left at its initial value."""
+    root, target_dir, exports = engine_dirs
+    classes = {"eagle3": "Eagle3LlamaForCausalLM", "dspark": "Qwen3DSparkForCausalLM",
+               "dflash": "Qwen3DSparkForCausalLM", "dflash_v1": "DFlashQwen3ForCausalLM"}
+    for name, (out, method, _, _) in exports.items():
+        got = ec.run_vllm("load", target_dir, root / f"load_{name}.json", draft=out, method=method, k=K)
+        assert "error" not in got, (name, got.get("error"))
+        assert got["draft_model_class"].endswith(classes[name])
+        assert got["mismatched"] == [] and got["no_vllm_parameter"] == [], (name, got)
+        assert got["vllm_parameters_not_loaded"] == [], (name, got["vllm_parameters_not_loaded"])
+        assert got["confidence_head_kept"] == (name == "dspark")
+    # what the key check refuses, vLLM would silently run: a Llama-family DSpark has no q/k norm
+    llama = ec.untrained_drafter("dspark", target_dir, block_size=K, qk_norm=False)
+    bad = root / "untrained" / "dspark_llama_unchecked"
+    export_drafter(llama, "vllm", bad, dtype="float32", check=False)
+    got = ec.run_vllm("load", target_dir, root / "load_dspark_llama.json", draft=bad, method="dspark", k=K)
+    assert "error" not in got, got.get("error")
+    assert any("q_norm" in n for n in got["vllm_parameters_not_loaded"]), got
