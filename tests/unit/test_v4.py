@@ -291,3 +291,29 @@ def test_recipes_compose():
         assert list(cfg.deepspeed.leaf_modules) == ["DeepseekV4SparseMoeBlock"]
     pro = compose(["recipe=dspark_v4_pro"])
     assert pro.drafter.backbone_config.n_routed_experts == 384 and pro.target.name.endswith("V4-Pro")
+
+
+def test_plan_command_on_the_tiny_recipe(tmp_path):
+    from deepspec.config import compose
+    from deepspec.plan import run
+
+    plan = run(compose(["recipe=dspark_v4_tiny", f"output_dir={tmp_path}"]))
+    assert sorted(plan["bytes_per_gpu"]) == ["zero0", "zero1", "zero2", "zero3"]
+    assert plan["drafter"]["layer_ids"] == TAPS and plan["features"] == "online"
+    assert plan["online_target_shard_bytes"]["bf16"] > 0 and (tmp_path / "plan.json").exists()
+    assert set(plan["cache_bytes_per_token"]) == {"fp32", "bf16", "fp16", "fp8"}
+
+
+def test_published_weights_become_an_init_from_checkpoint(target, tmp_path):
+    """V4 layout -> deepspec checkpoint -> the trainer's warm start (init_from) loads it exactly."""
+    from deepspec.export.v4 import import_to_checkpoint
+    from deepspec.training.checkpoint import load_weights
+
+    drafter = make(target)
+    export_v4(drafter, tmp_path / "v4", dtype=torch.float32)
+    info = import_to_checkpoint(tmp_path / "v4", tmp_path / "init")
+    assert info["notes"] == [] and info["params"] == sum(p.numel() for p in drafter.parameters())
+    fresh = make(target, seed=7)
+    load_weights(fresh, tmp_path / "init")
+    for (k, v), (k2, v2) in zip(sorted(drafter.state_dict().items()), sorted(fresh.state_dict().items()), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
