@@ -34,8 +34,8 @@ probabilities + kernel; other = everything else (budgeting, KV commit, bookkeepi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -72,7 +72,7 @@ class Timings:
     total_s: float = 0.0
     steps: int = 0  # target forward steps after prefill (rounds or decode steps)
 
-    def add(self, other: "Timings") -> None:
+    def add(self, other: Timings) -> None:
         for name in ("prefill_s", "draft_s", "verify_s", "other_s", "total_s", "steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
@@ -127,7 +127,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def generate_target_only(target: FrozenTarget, prompts: list[list[int]], max_new_tokens: int,
                          sampling: SamplingParams, eos_ids: Sequence[int],
-                         generator: Optional[torch.Generator] = None) -> Generation:
+                         generator: torch.Generator | None = None) -> Generation:
     """Plain KV-cached decoding of a batch with the target alone (the speedup baseline)."""
     _check_prompts(prompts, max_new_tokens)
     device = target.device
@@ -157,14 +157,14 @@ def generate_target_only(target: FrozenTarget, prompts: list[list[int]], max_new
     return Generation(tokens=stop.tokens, timings=timings)
 
 
-def _conf_logits(conf_BK: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _conf_logits(conf_BK: torch.Tensor | None) -> torch.Tensor | None:
     """The drafter gives sigmoid confidences; calibration works on their logits."""
     if conf_BK is None:
         return None
     return torch.logit(conf_BK.double().clamp(1e-12, 1 - 1e-12))
 
 
-def calibrated_confidence(conf_logits_BK: torch.Tensor, temperatures_K: Optional[torch.Tensor]) -> torch.Tensor:
+def calibrated_confidence(conf_logits_BK: torch.Tensor, temperatures_K: torch.Tensor | None) -> torch.Tensor:
     """c_k = sigmoid(logit_k / T_k) with STS temperatures (T = 1 when None)."""
     from deepspec.decoding.calibration import apply_sts
 
@@ -181,9 +181,9 @@ def threshold_budget(conf_BK: torch.Tensor, threshold: float) -> torch.Tensor:
 @torch.no_grad()
 def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts: list[list[int]],
                          max_new_tokens: int, sampling: SamplingParams, eos_ids: Sequence[int],
-                         block_size: Optional[int] = None, confidence_threshold: Optional[float] = None,
-                         budget_fn: Optional[BudgetFn] = None, sts_temperatures: Optional[torch.Tensor] = None,
-                         generator: Optional[torch.Generator] = None, kernel: str = "auto") -> Generation:
+                         block_size: int | None = None, confidence_threshold: float | None = None,
+                         budget_fn: BudgetFn | None = None, sts_temperatures: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None, kernel: str = "auto") -> Generation:
     """Speculative decoding of a batch with `drafter` (DSpark, DFlash or Eagle3) against `target`.
 
     block_size: drafts per round (<= the drafter's block size for DFlash/DSpark; Eagle3 drafts

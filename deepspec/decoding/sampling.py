@@ -10,7 +10,6 @@ renormalise. Temperature 0 means greedy: callers use argmax and never sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -57,7 +56,7 @@ def target_probs(logits_NV: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def next_tokens(logits_BV: torch.Tensor, params: SamplingParams,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row: argmax when greedy, else a draw from `target_probs`."""
     if params.greedy:
         return logits_BV.argmax(-1)

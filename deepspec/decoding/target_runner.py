@@ -20,8 +20,8 @@ support B = 1 only, and only while their caches can be cropped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ class StepOutput:
     """Features of the tokens just run, aligned with the input (row t = token t of each request)."""
 
     final_BTD: torch.Tensor  # post final norm, pre LM head
-    taps_BTMD: Optional[torch.Tensor] = None  # None when the session taps no layers
+    taps_BTMD: torch.Tensor | None = None  # None when the session taps no layers
 
 
 class TargetSession:
@@ -45,13 +45,13 @@ class TargetSession:
         self.target = target
         self.layer_ids = list(layer_ids)
         self.cache = DynamicCache(config=target.model.config)
-        self.valid_BS: Optional[torch.Tensor] = None  # bool, slot validity per request
-        self.next_pos_B: Optional[torch.Tensor] = None  # next position id per request
+        self.valid_BS: torch.Tensor | None = None  # bool, slot validity per request
+        self.next_pos_B: torch.Tensor | None = None  # next position id per request
         self.last_width = 0  # slots appended by the last step (what commit() may roll back)
         self.compact_fraction = compact_fraction
 
     # -- forward ------------------------------------------------------------------------------
-    def _forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: Optional[torch.Tensor],
+    def _forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None,
                  position_ids_BT: torch.Tensor) -> StepOutput:
         if self.layer_ids:
             out = self.target.forward(input_ids_BT, self.layer_ids, attention_mask_BT=attention_mask_BT,

@@ -10,20 +10,25 @@ The math lives in deepspec.decoding.calibration; this module feeds it rounds and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
 
-from deepspec.decoding.calibration import calibration_report, fit_sts, reliability_diagram_png, threshold_sweep
+from deepspec.decoding.calibration import (
+    calibration_report,
+    fit_sts,
+    reliability_diagram_png,
+    threshold_sweep,
+)
 from deepspec.decoding.engine import RoundLog
 from deepspec.runs import format_table, print0
 
 MIN_ROUNDS = 8
 
 
-def rounds_tensors(log: RoundLog, K: int) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def rounds_tensors(log: RoundLog, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(conf_logits_RK, accepted_R, num_proposed_R) of rounds that carry confidences, or None.
 
     A round cut by an accepted EOS tested nothing after it: its proposed count is cut to the
@@ -49,7 +54,7 @@ def split_rounds(num_rounds: int, fit_fraction: float, seed: int) -> tuple[torch
 
 
 def calibrate_rounds(log: RoundLog, K: int, thresholds: Sequence[float], out_dir: Path,
-                     fit_fraction: float = 0.5, seed: int = 0) -> Optional[dict]:
+                     fit_fraction: float = 0.5, seed: int = 0) -> dict | None:
     """Fit STS on part of the rounds, score on the rest, sweep thresholds; write PNGs. None if impossible."""
     data = rounds_tensors(log, K)
     if data is None:

@@ -10,12 +10,17 @@ shared machine do not favour one side.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from deepspec.decoding.engine import (BudgetFn, Generation, RoundLog, Timings, generate_speculative,
-                                      generate_target_only)
+from deepspec.decoding.engine import (
+    BudgetFn,
+    Generation,
+    RoundLog,
+    Timings,
+    generate_speculative,
+    generate_target_only,
+)
 from deepspec.decoding.sampling import SamplingParams
 from deepspec.eval.benchmarks import Benchmark
 from deepspec.eval.metrics import match_metrics, merge_logs, round_metrics, speed_metrics
@@ -29,10 +34,10 @@ class DecodeSettings:
     max_new_tokens: int = 128
     sampling: SamplingParams = field(default_factory=SamplingParams)
     batch_size: int = 1
-    block_size: Optional[int] = None
-    confidence_threshold: Optional[float] = None
-    budget_fn: Optional[BudgetFn] = None
-    sts_temperatures: Optional[torch.Tensor] = None
+    block_size: int | None = None
+    confidence_threshold: float | None = None
+    budget_fn: BudgetFn | None = None
+    sts_temperatures: torch.Tensor | None = None
     kernel: str = "auto"
     seed: int = 0
 
@@ -127,7 +132,7 @@ def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: Dec
             if baseline:
                 result.base_tokens.extend(base.tokens)
                 result.base_timings.add(base.timings)
-            for i, tokens in zip(rows, base.tokens):
+            for i, tokens in zip(rows, base.tokens, strict=True):
                 history[i].append({"role": "assistant", "content": answer_text(target, tokens)})
             bar.update(len(rows))
     bar.close()

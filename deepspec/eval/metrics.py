@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,12 +20,12 @@ from deepspec.decoding.engine import RoundLog, Timings
 
 
 def per_position_acceptance(proposed: Sequence[int], accepted: Sequence[int], eos_stop: Sequence[bool],
-                            K: int) -> list[Optional[float]]:
+                            K: int) -> list[float | None]:
     """Conditional acceptance at positions 1..K (None where no round reached the position)."""
     n = torch.tensor(list(proposed), dtype=torch.long)
     a = torch.tensor(list(accepted), dtype=torch.long)
     e = torch.tensor(list(eos_stop), dtype=torch.bool)
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     for k in range(1, K + 1):
         reached = (n >= k) & (a >= k - 1) & ~(e & (a == k - 1))
         count = int(reached.sum())
@@ -57,7 +57,7 @@ def match_metrics(spec_tokens: list[list[int]], base_tokens: list[list[int]]) ->
     if len(spec_tokens) != len(base_tokens):
         raise ValueError(f"match_metrics: {len(spec_tokens)} speculative outputs vs {len(base_tokens)} baseline")
     exact, prefix_total, base_total, mismatches = 0, 0, 0, []
-    for i, (s, t) in enumerate(zip(spec_tokens, base_tokens)):
+    for i, (s, t) in enumerate(zip(spec_tokens, base_tokens, strict=True)):
         common = 0
         while common < min(len(s), len(t)) and s[common] == t[common]:
             common += 1

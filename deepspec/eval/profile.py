@@ -115,12 +115,12 @@ def run(cfg: DictConfig) -> dict:
     png = plot_load(out / "load_simulation.png", sps, sims)
 
     profile_rows = [{"B": b, "steps/s": s, "tokens/s": b * s, "ms/step": 1e3 / s}
-                    for b, s in zip(sps.batch_tokens, sps.steps_per_s)]
+                    for b, s in zip(sps.batch_tokens, sps.steps_per_s, strict=True)]
     load_rows = [{"concurrency": a["concurrency"], "alg1 budget": a["avg_budget"],
                   "alg1 tok/s": a["throughput_tokens_per_s"], "topk budget": k["avg_budget"],
                   "topk tok/s": k["throughput_tokens_per_s"], f"fixed-{gamma} tok/s": f["throughput_tokens_per_s"],
                   "no-spec tok/s": n["throughput_tokens_per_s"]}
-                 for a, k, f, n in zip(sims["algorithm1"], sims["stale_topk"], sims["fixed"], sims["none"])]
+                 for a, k, f, n in zip(sims["algorithm1"], sims["stale_topk"], sims["fixed"], sims["none"], strict=True)]
     table = format_table(load_rows)
     (out / "load_simulation.md").write_text(
         f"# Load simulation on {sps.hardware}\n\nSPS(B):\n\n```\n{format_table(profile_rows)}\n```\n\n"

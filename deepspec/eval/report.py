@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 COLUMNS = [
     ("benchmark", "benchmark"), ("prompts", "prompts"), ("tau", "τ"), ("acceptance_rate", "accept rate"),
@@ -28,7 +27,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def results_markdown(title: str, benchmarks: dict[str, dict], settings: dict,
-                     calibration: Optional[dict] = None, sweep: Optional[list[dict]] = None) -> str:
+                     calibration: dict | None = None, sweep: list[dict] | None = None) -> str:
     """The whole results.md: headline table, per-position acceptance, time per round, calibration."""
     rows = [{"benchmark": name, **b} for name, b in benchmarks.items()]
     lines = [f"# {title}", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
@@ -83,7 +82,7 @@ def plot_acceptance(path: Path, benchmarks: dict[str, dict]) -> Path:
         values = b.get("per_position_acceptance") or []
         pts = [(k + 1, v) for k, v in enumerate(values) if v is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{name} (τ {_fmt(b.get('tau'))})")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{name} (τ {_fmt(b.get('tau'))})")
     ax.set(xlabel="draft position k", ylabel="P(accept k | 1..k-1 accepted)", ylim=(0, 1.02),
            title="Acceptance by position")
     ax.grid(alpha=0.3)
@@ -98,7 +97,7 @@ def plot_tau(path: Path, benchmarks: dict[str, dict]) -> Path:
     taus = [benchmarks[n].get("tau") or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 4))
     bars = ax.bar(names, taus, color="#4c72b0")
-    for bar, n in zip(bars, names):
+    for bar, n in zip(bars, names, strict=True):
         s = benchmarks[n].get("speedup")
         ax.annotate(f"{_fmt(s)}×" if s else "", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
@@ -115,7 +114,7 @@ def plot_time_breakdown(path: Path, benchmarks: dict[str, dict]) -> Path:
     for part, color in (("draft", "#dd8452"), ("verify", "#4c72b0"), ("other", "#937860")):
         vals = [(benchmarks[n].get("round_ms") or {}).get(part, 0.0) for n in names]
         ax.bar(names, vals, bottom=bottom, label=part, color=color, width=0.5)
-        bottom = [b + v for b, v in zip(bottom, vals)]
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.scatter(names, [benchmarks[n].get("target_step_ms") or 0.0 for n in names], color="black", marker="_",
                s=600, label="target-only step", zorder=3)
     ax.set(ylabel="ms", title="Time per speculative round")

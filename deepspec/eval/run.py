@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
             bench_run = run_benchmark(target, drafter, bench, settings, progress=ev.progress)
             runs.append(bench_run)
             results[bench.name] = summarise(bench_run, settings.sampling)
-            for i, (s, t) in enumerate(zip(bench_run.spec_tokens, bench_run.base_tokens)):
+            for i, (s, t) in enumerate(zip(bench_run.spec_tokens, bench_run.base_tokens, strict=True)):
                 gen_file.write(json.dumps({"benchmark": bench.name, "prompt": i, "spec": s, "target": t}) + "\n")
 
     K = runs[0].block_size

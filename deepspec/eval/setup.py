@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -21,7 +20,7 @@ STS_FILE = "sts.json"
 SCHEDULERS = ("none", "algorithm1", "topk")
 
 
-def load_eval_drafter(target: FrozenTarget, draft_dir: Optional[str]) -> torch.nn.Module:
+def load_eval_drafter(target: FrozenTarget, draft_dir: str | None) -> torch.nn.Module:
     """The drafter saved in `draft_dir`, on the target's device, sharing its embedding and LM head."""
     from deepspec.drafters.io import load_drafter
 
@@ -40,7 +39,7 @@ def load_eval_drafter(target: FrozenTarget, draft_dir: Optional[str]) -> torch.n
     return drafter.eval()
 
 
-def sts_path(setting: str, draft_dir: Optional[str]) -> Optional[Path]:
+def sts_path(setting: str, draft_dir: str | None) -> Path | None:
     """eval.sts: 'auto' = DRAFT/sts.json when it exists, 'none' = off, else a path to a sts.json."""
     if setting == "none":
         return None
@@ -53,7 +52,7 @@ def sts_path(setting: str, draft_dir: Optional[str]) -> Optional[Path]:
     return path
 
 
-def load_sts(path: Optional[Path]) -> Optional[torch.Tensor]:
+def load_sts(path: Path | None) -> torch.Tensor | None:
     if path is None:
         return None
     data = json.loads(Path(path).read_text())
@@ -71,7 +70,7 @@ def save_sts(path: Path, temperatures: list[float], block_size: int, rounds: int
     return path
 
 
-def make_budget_fn(scheduler: str, sps_table: Optional[str]) -> Optional[BudgetFn]:
+def make_budget_fn(scheduler: str, sps_table: str | None) -> BudgetFn | None:
     """The prefix scheduler in the decoding loop (deepspec.decoding.scheduler), or None."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"eval.scheduler={scheduler!r}; choose one of {SCHEDULERS}")
@@ -102,7 +101,7 @@ def make_budget_fn(scheduler: str, sps_table: Optional[str]) -> Optional[BudgetF
     return budget
 
 
-def decode_settings(ev, budget_fn: Optional[BudgetFn], sts: Optional[torch.Tensor]) -> DecodeSettings:
+def decode_settings(ev, budget_fn: BudgetFn | None, sts: torch.Tensor | None) -> DecodeSettings:
     """DecodeSettings from the `eval` config section."""
     if ev.batch_size < 1:
         raise ValueError(f"eval.batch_size={ev.batch_size}; use 1 or more")

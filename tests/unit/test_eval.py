@@ -17,7 +17,7 @@ from deepspec.eval.metrics import match_metrics, per_position_acceptance, round_
 def test_per_position_acceptance_is_conditional_and_skips_untested_positions():
     # rounds: (proposed, accepted, eos_stop)
     rounds = [(3, 3, False), (3, 1, False), (3, 0, False), (2, 2, False), (3, 1, True)]
-    n, a, e = zip(*rounds)
+    n, a, e = zip(*rounds, strict=True)
     # k=1: all 5 reached, accepted in 4 -> 0.8
     # k=2: reached by rounds with a>=1: r0, r1, r3 (r4 stopped on an accepted EOS at 1) -> 2/3
     # k=3: reached by r0 (r3 proposed only 2) -> 1.0
@@ -56,10 +56,10 @@ def test_benchmarks_shipped_and_by_path(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory, monkeypatch_module):
     """A tiny random Llama with the SmolLM2 tokenizer (loaded once) and an untrained DSpark checkpoint."""
+    import deepspec.targets
     from deepspec.config import compose, section
     from deepspec.drafters import build_drafter
     from deepspec.drafters.io import save_drafter
-    import deepspec.targets
 
     base = ["recipe=dspark_smollm2", "target=tiny_llama", "target.random_config.num_hidden_layers=4",
             "drafter.num_layers=1", "drafter.block_size=3", "drafter.markov_rank=16"]

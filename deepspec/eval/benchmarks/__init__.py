@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 
@@ -42,7 +41,7 @@ def benchmark_path(name_or_path: str) -> Path:
                             f"({', '.join(shipped_benchmarks())}) nor an existing JSONL file")
 
 
-def load_benchmark(name_or_path: str, max_prompts: Optional[int] = None) -> Benchmark:
+def load_benchmark(name_or_path: str, max_prompts: int | None = None) -> Benchmark:
     """Read the first `max_prompts` conversations (None or <= 0: all); rows must hold non-empty `turns`."""
     path = benchmark_path(name_or_path)
     conversations: list[list[str]] = []
