@@ -29,6 +29,8 @@ from deepspec.targets.shapes import TargetShapes
 ENGINE_WEIGHTS = "model.safetensors"
 STS_FILE = "sts.json"
 FORMATS = ("vllm", "sglang", "hf")
+KIND_NAMES = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle3"}
+SGLANG_ALGORITHM = {"eagle3": "EAGLE3", "dspark": "DSPARK", "dflash": "DFLASH"}
 
 
 def find_sts(draft_dir) -> list[float] | None:
@@ -72,7 +74,7 @@ def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloa
                         "exported uncalibrated; run `deepspec eval calibrate` first")
     if fmt == "hf":
         files = _write_hf(drafter, out, dtype, sts_temperatures)
-        written_ids, field, method, arch = list(spec.layer_ids), "layer_ids", None, f"DeepSpec{spec.kind.title()}Drafter"
+        written_ids, field, method, arch = list(spec.layer_ids), "layer_ids", None, hf_architecture(spec.kind)
     else:
         exp = engine_layout(drafter, fmt, dtype, sts_temperatures, dflash_layout)
         shapes = {k: tuple(v.shape) for k, v in exp.tensors.items()}
@@ -98,21 +100,32 @@ def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloa
                "layer_ids": {"deepspec": list(spec.layer_ids), "field": field, "written": written_ids,
                              "engine_taps_output_of": tapped_output_layers(fmt, spec.kind, written_ids)
                              if fmt != "hf" else list(spec.layer_ids)},
-               "check": "passed" if (check and fmt != "hf") else ("skipped" if fmt != "hf" else "n/a")}
-    if method:
+               "check": "n/a" if fmt == "hf" else ("passed" if check else "skipped")}
+    if fmt == "vllm":
         summary["serve"] = (f"vllm serve TARGET_HF_DIR --speculative-config '{{\"method\": \"{method}\", "
                             f"\"model\": \"{out}\", \"num_speculative_tokens\": {spec.block_size}}}'")
+    elif fmt == "sglang":
+        summary["serve"] = (f"python -m sglang.launch_server --model-path TARGET_HF_DIR --speculative-algorithm "
+                            f"{SGLANG_ALGORITHM[method]} --speculative-draft-model-path {out} "
+                            f"--speculative-num-draft-tokens {spec.block_size}")
     return summary
+
+
+def hf_architecture(kind: str) -> str:
+    return f"DeepSpec{KIND_NAMES[kind]}Drafter"
+
+
+def _write_sts(out: Path, sts_temperatures) -> list[str]:
+    if sts_temperatures is None:
+        return []
+    (out / STS_FILE).write_text(json.dumps({"temperatures": sts_temperatures}, indent=2) + "\n")
+    return [STS_FILE]
 
 
 def _write_engine(exp, out: Path, sts_temperatures) -> list[str]:
     save_file(exp.tensors, str(out / ENGINE_WEIGHTS), metadata={"format": "pt", "producer": "deepspec"})
     (out / "config.json").write_text(json.dumps(exp.config, indent=2) + "\n")
-    files = ["config.json", ENGINE_WEIGHTS]
-    if sts_temperatures is not None:
-        (out / STS_FILE).write_text(json.dumps({"temperatures": sts_temperatures}, indent=2) + "\n")
-        files.append(STS_FILE)
-    return files
+    return ["config.json", ENGINE_WEIGHTS] + _write_sts(out, sts_temperatures)
 
 
 def _write_hf(drafter: nn.Module, out: Path, dtype: str, sts_temperatures) -> list[str]:
@@ -122,14 +135,10 @@ def _write_hf(drafter: nn.Module, out: Path, dtype: str, sts_temperatures) -> li
     target = getattr(torch, dtype)
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(src / WEIGHTS_FILE), metadata={"format_version": "1"})
-    config = {"architectures": [f"DeepSpec{drafter.spec.kind.title()}Drafter"], "model_type": "deepspec_drafter",
+    config = {"architectures": [hf_architecture(drafter.spec.kind)], "model_type": "deepspec_drafter",
               "torch_dtype": dtype, "deepspec": deepspec_block(drafter, "hf", sts_temperatures)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    files = ["config.json", CONFIG_FILE, WEIGHTS_FILE]
-    if sts_temperatures is not None:
-        (out / STS_FILE).write_text(json.dumps({"temperatures": sts_temperatures}, indent=2) + "\n")
-        files.append(STS_FILE)
-    return files
+    return ["config.json", CONFIG_FILE, WEIGHTS_FILE] + _write_sts(out, sts_temperatures)
 
 
 def load_exported(directory, embed_tokens=None, lm_head_weight=None, map_location: str = "cpu") -> nn.Module:
