@@ -27,10 +27,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared, busy machine)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides key=value")
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from deepspec.config import compose, section
     from deepspec.decoding.sampling import SamplingParams

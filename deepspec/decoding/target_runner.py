@@ -13,13 +13,17 @@ each request keeps its own validity mask over the slots and its own next positio
   `compact()` once they pile up.
 
 With B = 1 there are never holes (the rejected tail is cropped), so attention runs without a
-mask, exactly as plain decoding. Holes need a cache whose layers are plain `DynamicLayer`s
-(Llama, Qwen3, ... families); targets with sliding-window or compressed caches (DeepSeek-V4)
-support B = 1 only, and only while their caches can be cropped.
+mask, exactly as plain decoding. Holes and cropping need a cache whose layers are plain
+`DynamicLayer`s (Llama, Qwen3, ... families). Other caches (sliding-window layers, DeepSeek-V4's
+compressed HCA/CSA layers, whose state cannot be cut back) roll back by *snapshot and replay*:
+the cache is copied before each step, and a commit that keeps fewer tokens than the step ran
+restores the copy and runs the kept tokens again — exact, one extra forward per rejection,
+batch size 1 only.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +53,9 @@ class TargetSession:
         self.next_pos_B: torch.Tensor | None = None  # next position id per request
         self.last_width = 0  # slots appended by the last step (what commit() may roll back)
         self.compact_fraction = compact_fraction
+        layers = getattr(self.cache, "layers", None) or []
+        self.croppable = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+        self._snapshot = None  # replay mode: (cache copy, input ids, positions) of the last step
 
     # -- forward ------------------------------------------------------------------------------
     def _forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None,
@@ -110,6 +117,11 @@ class TargetSession:
         mask = None
         if not bool(self.valid_BS.all()):
             mask = torch.cat([self.valid_BS, self.valid_BS.new_ones(B, T)], dim=1).long()
+        if not self.croppable and T > 1:
+            if B != 1:
+                raise ValueError(f"{type(self.target.model).__name__}'s KV cache cannot be cropped; speculative "
+                                 f"decoding with it supports eval.batch_size=1 only (got {B} requests)")
+            self._snapshot = (copy.deepcopy(self.cache), input_ids_BT, pos_BT)
         out = self._forward(input_ids_BT, mask, pos_BT)
         self.valid_BS = torch.cat([self.valid_BS, self.valid_BS.new_ones(B, T)], dim=1)
         self.last_width = T
@@ -129,12 +141,26 @@ class TargetSession:
         self.next_pos_B = self.next_pos_B + keep_B
         drop = T - int(keep_B.max())
         if drop > 0:
-            self.cache.crop(-drop)
             self.valid_BS = self.valid_BS[:, :S - drop]
-        self.last_width = 0
+            if self.croppable:
+                self.cache.crop(-drop)
+            else:
+                self._replay(int(keep_B.max()))
+        self.last_width, self._snapshot = 0, None
         holes = int((~self.valid_BS).sum(dim=1).min())  # slots every request could lose
         if self.batch_size > 1 and holes > self.compact_fraction * self.num_slots and holes >= 16:
             self.compact()
+
+    def _replay(self, keep: int) -> None:
+        """Snapshot-and-replay rollback: restore the cache from before the step, re-run `keep` tokens."""
+        if self._snapshot is None:
+            raise RuntimeError(f"TargetSession.commit: cannot roll back a cache of "
+                               f"{type(self.target.model).__name__} without a snapshot of the last step")
+        self.cache, input_ids_BT, pos_BT = self._snapshot
+        if keep > 0:
+            with torch.no_grad():
+                self.target.model.get_decoder()(input_ids=input_ids_BT[:, :keep], position_ids=pos_BT[:, :keep],
+                                                past_key_values=self.cache, use_cache=True)
 
     def compact(self) -> None:
         """Squeeze invalid slots out of the cache (left-padding each request to the longest)."""

@@ -214,3 +214,16 @@ def test_threshold_without_a_confidence_head_is_refused(tiny_target):
     with pytest.raises(ValueError, match="no confidence head"):
         generate_speculative(target, make_drafter(target, "dflash"), [[1, 2, 3]], 4, GREEDY, [],
                              confidence_threshold=0.5)
+
+
+def test_deepseek_v4_compressed_cache_rolls_back_by_snapshot_and_replay(tiny_target):
+    """V4's sliding-window + compressed caches cannot be cropped: rollback replays the kept tokens."""
+    target = tiny_target("deepseek_v4")  # sliding_window=8: 20 tokens run far past it
+    prompts = random_prompts(target.vocab_size, (6,))
+    base = generate_target_only(target, prompts, 20, GREEDY, [])
+    spec = generate_speculative(target, OracleDrafter(target, K=4, corrupt=0.3), prompts, 20, GREEDY, [])
+    assert spec.tokens == base.tokens
+    assert len(set(spec.rounds.accepted)) >= 3
+    assert generate_speculative(target, make_drafter(target, "dspark"), prompts, 20, GREEDY, []).tokens == base.tokens
+    with pytest.raises(ValueError, match="batch_size=1"):
+        generate_speculative(target, make_drafter(target, "dflash"), prompts * 2, 4, GREEDY, [])
