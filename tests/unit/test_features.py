@@ -24,9 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools.cache import (FeatureCache, bytes_per_token, decode, deepspec_bytes_per_token, encode,
-                              file_sha256)
-from data_tools.features import (OnlineSource, open_feature_source, split_indices, write_feature_cache)
+from data_tools.cache import (
+    FeatureCache,
+    bytes_per_token,
+    decode,
+    deepspec_bytes_per_token,
+    encode,
+)
+from data_tools.features import OnlineSource, open_feature_source, split_indices, write_feature_cache
 from data_tools.jsonl import write_jsonl_atomic
 from data_tools.tokenize import load_sequences, tokenize_chat
 
@@ -264,7 +269,7 @@ def test_features_sigkill_resume(target, built, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     kwargs = dict(storage_dtype="bf16", max_seq_len=64, shard_tokens=120, progress=False)
     resumed = write_feature_cache(reg, target, LAYERS, tmp_path / "killed", **kwargs)
-    clean = write_feature_cache(reg, target, LAYERS, tmp_path / "clean", **kwargs)
+    write_feature_cache(reg, target, LAYERS, tmp_path / "clean", **kwargs)
     assert 2 <= resumed["resumed_shards"] < resumed["shards"]
     a = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     b = json.loads((tmp_path / "clean" / "manifest.json").read_text())

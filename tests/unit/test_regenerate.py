@@ -27,7 +27,13 @@ import pytest
 from data_tools.hf_engine import HFEngine
 from data_tools.jsonl import iter_jsonl, write_jsonl_atomic
 from data_tools.openai_engine import OpenAIEngine
-from data_tools.regenerate import JOURNAL_FILE, OUTPUT_FILE, SamplingSettings, read_input_rows, run_regeneration
+from data_tools.regenerate import (
+    JOURNAL_FILE,
+    OUTPUT_FILE,
+    SamplingSettings,
+    read_input_rows,
+    run_regeneration,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
