@@ -188,7 +188,7 @@ def export_v4(drafter: nn.Module, output_dir, dtype: torch.dtype = torch.bfloat1
 
 def read_mtp_tensors(directory) -> dict[str, Tensor]:
     """Every `mtp.*` tensor of the safetensors files in `directory` (sharded checkpoints: only the shards
-    that hold some), FP8 block-scaled weights dequantised to bf16."""
+    that hold some); FP8 / FP4 weights with a `.scale` sibling are dequantised to bf16."""
     src = Path(directory)
     files = sorted(src.glob("*.safetensors"))
     index = src / "model.safetensors.index.json"
@@ -207,22 +207,26 @@ def read_mtp_tensors(directory) -> dict[str, Tensor]:
     for k, v in raw.items():
         if k.endswith(".scale"):
             continue
-        if v.dtype == torch.float8_e4m3fn:
-            v = _dequant_fp8(k, v, raw.get(k.removesuffix(".weight") + ".scale"))
-        elif not v.is_floating_point():
-            raise ValueError(f"V4 import: {k} is stored as {v.dtype} (packed FP4?); dequantise the checkpoint to "
-                             f"bf16 first (deepspec reads bf16/fp16/fp32 and block-scaled FP8 weights)")
+        scale = raw.get(k.removesuffix(".weight") + ".scale")
+        if scale is not None:
+            v = _dequantize(k, v, scale)
+        elif not v.is_floating_point() or v.element_size() < 2:
+            raise ValueError(f"V4 import: {k} is stored as {v.dtype} without a {k.removesuffix('.weight')}.scale "
+                             f"tensor; deepspec reads bf16/fp16/fp32 and scaled FP8 / packed-FP4 weights")
         out[k] = v
     return out
 
 
-def _dequant_fp8(name: str, w: Tensor, scale: Tensor | None) -> Tensor:
-    """FP8 e4m3 weight with one scale per 128x128 block (V3/V4 checkpoints) -> bf16."""
-    if scale is None:
-        raise ValueError(f"V4 import: {name} is FP8 but the checkpoint has no {name.removesuffix('.weight')}.scale")
-    bo, bi = -(-w.shape[0] // scale.shape[0]), -(-w.shape[1] // scale.shape[1])
-    s = scale.float().repeat_interleave(bo, 0)[:w.shape[0]].repeat_interleave(bi, 1)[:, :w.shape[1]]
-    return (w.float() * s).to(torch.bfloat16)
+def _dequantize(name: str, w: Tensor, scale: Tensor) -> Tensor:
+    """Scaled FP8 (e4m3, one scale per 128x128 block) or packed FP4 (two e2m1 per int8 byte, one ue8m0
+    scale per 32 inputs: V4's routed experts) -> bf16, with transformers' own V4 dequantiser."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    try:
+        return Fp8Dequantize(None)._dequantize_one(w, scale, torch.bfloat16)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"V4 import: cannot dequantise {name} ({w.dtype} {tuple(w.shape)}, scale "
+                         f"{scale.dtype} {tuple(scale.shape)}): {exc}") from exc
 
 
 def _published_spec(config: dict, state: dict[str, Tensor]) -> tuple[DrafterSpec, TargetShapes]:
@@ -277,9 +281,13 @@ def import_v4(directory, map_location: str = "cpu") -> tuple[nn.Module, list[str
     else:
         raise FileNotFoundError(f"V4 import: {src} has neither {DEEPSPEC_FILE} (a deepspec export) nor config.json "
                                 f"(a V4 checkpoint)")
-    with torch.device(map_location):
+    with torch.device("meta"):  # no throw-away initialisation of ~20 B parameters (V4-Flash)
         drafter = build_drafter(spec, shapes)
-    notes = from_v4_state(drafter, state)
+    by_dtype: dict[torch.dtype, int] = {}
+    for v in state.values():
+        by_dtype[v.dtype] = by_dtype.get(v.dtype, 0) + v.numel()
+    drafter = drafter.to(max(by_dtype, key=by_dtype.get)).to_empty(device=map_location)
+    notes = from_v4_state(drafter, state)  # fills every parameter and buffer (strict)
     return drafter, notes
 
 

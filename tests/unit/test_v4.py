@@ -317,3 +317,39 @@ def test_published_weights_become_an_init_from_checkpoint(target, tmp_path):
     load_weights(fresh, tmp_path / "init")
     for (k, v), (k2, v2) in zip(sorted(drafter.state_dict().items()), sorted(fresh.state_dict().items()), strict=True):
         assert k == k2 and torch.equal(v, v2), k
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def test_import_dequantises_fp8_blocks_and_packed_fp4_experts(target, tmp_path):
+    """Published V4 shards store experts as packed FP4 (+ue8m0 scale per 32 inputs) and other linears as
+    FP8 with 128x128 block scales; weights exactly representable in those formats import exactly."""
+    from safetensors.torch import load_file, save_file
+
+    from deepspec.export.v4 import read_mtp_tensors
+
+    drafter = make(target)
+    export_v4(drafter, tmp_path, dtype=torch.float32)
+    state = load_file(str(tmp_path / "mtp.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    w1 = state["mtp.0.ffn.experts.1.w1.weight"]  # [16, 32]: one FP4 scale per row and 32 inputs
+    codes = torch.randint(0, 16, w1.shape, generator=g)
+    exps = torch.randint(120, 130, (w1.shape[0], 1), generator=g, dtype=torch.uint8)
+    want_w1 = FP4_VALUES[codes] * (exps.float() - 127).exp2()
+    state["mtp.0.ffn.experts.1.w1.weight"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    state["mtp.0.ffn.experts.1.w1.scale"] = exps
+    wkv = state["mtp.1.attn.wkv.weight"]  # [16, 32]: a single 128x128 block
+    fp8 = wkv.to(torch.float8_e4m3fn)
+    state["mtp.1.attn.wkv.weight"], state["mtp.1.attn.wkv.scale"] = fp8, torch.tensor([[0.25]])
+    save_file(state, str(tmp_path / "mtp.safetensors"))
+    got = read_mtp_tensors(tmp_path)
+    assert "mtp.0.ffn.experts.1.w1.scale" not in got
+    torch.testing.assert_close(got["mtp.0.ffn.experts.1.w1.weight"].float(), want_w1, atol=0, rtol=0)
+    torch.testing.assert_close(got["mtp.1.attn.wkv.weight"].float(), (fp8.float() * 0.25).bfloat16().float())
+    back, _ = import_v4(tmp_path)
+    torch.testing.assert_close(back.layers[0].mlp.experts.gate_up_proj.detach()[1, :16], want_w1, atol=0, rtol=0)
+    state["mtp.0.attn.wq_a.weight"] = state["mtp.0.attn.wq_a.weight"].to(torch.int8)  # no scale: refused
+    save_file(state, str(tmp_path / "mtp.safetensors"))
+    with pytest.raises(ValueError, match="wq_a"):
+        read_mtp_tensors(tmp_path)
