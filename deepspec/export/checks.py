@@ -127,6 +127,9 @@ def _semantic_problems(config: Mapping[str, Any], arch: str) -> list[str]:
                    "(vllm/v1/spec_decode/utils.py copy_and_expand_dflash_inputs_kernel), a deepspec block predicts "
                    "from the anchor slot on, so every draft would be read one position late; use the default "
                    "export.dflash_layout=dspark (Qwen3DSparkModel, method dspark)")
+    if spec.get("backbone", "llama") != "llama":
+        out.append(f"drafter.backbone={spec['backbone']!r}: vLLM/SGLang's generic DSpark/DFlash/Eagle3 draft "
+                   f"layers are dense Llama/Qwen3 layers; a DeepSeek-V4-style drafter exports with format=v4")
     if spec.get("sliding_window") is not None:
         out.append(f"drafter.sliding_window={spec['sliding_window']}: the export does not encode draft sliding "
                    f"windows yet")
