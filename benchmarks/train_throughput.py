@@ -104,8 +104,6 @@ def cpu_benchmark(args) -> None:
         steps = [seqs[i:i + args.micro_batch] for i in range(0, n, args.micro_batch)]
         drafter = build_drafter(spec, target.shapes)
         drafter.attach_target(target.embed_tokens, target.lm_head_weight)
-        if spec.kind == "eagle3" and getattr(drafter, "pruned", False):
-            drafter.lm_head.weight.requires_grad_(False)
         r = time_steps(drafter, spec, target.lm_head_weight, steps, torch.device("cpu"), torch.float32, False, 0,
                        cfg.loss.vocab_chunk, warmup=1, alphas=(cfg.loss.alpha_ce, cfg.loss.alpha_tv,
                                                                cfg.loss.alpha_conf))

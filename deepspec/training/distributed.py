@@ -114,11 +114,13 @@ def _deep_update(base: dict, extra: dict) -> None:
 
 
 def build_engine(model: nn.Module, ds_config: dict, lr_lambda: Callable[[int], float],
-                 leaf_modules: Optional[list[str]] = None):
+                 leaf_modules: Optional[list[str]] = None, external_params: Optional[list[nn.Parameter]] = None):
     """DeepSpeed engine over `model`'s trainable parameters with a LambdaLR schedule.
 
     Frozen parameters (requires_grad=False) never enter the optimizer. `leaf_modules`
-    (class names) are kept whole under ZeRO-3 (MoE experts, SPEC §5).
+    (class names) are kept whole under ZeRO-3 (MoE experts, SPEC §5). `external_params` are
+    read by `model`'s forward outside their own module's forward (DSpark's W2 in the loss):
+    ZeRO-3 gathers them for the whole of `model`'s forward and backward.
     """
     import deepspeed
 
@@ -139,6 +141,9 @@ def build_engine(model: nn.Module, ds_config: dict, lr_lambda: Callable[[int], f
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                            lr_scheduler=scheduler)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        for p in external_params or []:
+            deepspeed.zero.register_external_parameter(engine.module, p)
     return engine
 
 

@@ -85,13 +85,11 @@ class DraftLoss(nn.Module):
     def forward(self, batch: Batch) -> LossParts:
         out = self.drafter(batch)
         w = self.weights_K
-        if self.kind == "eagle3":
-            pruned = out.lm_head_weight_VD is not None
-            draft_head = out.lm_head_weight_VD.detach() if pruned else self.lm_head_weight_VD
-            d2t = self.drafter.draft_to_target() if pruned else None
+        if self.kind == "eagle3":  # soft CE against the target over the (pruned, frozen) draft vocabulary
+            draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
             loss, wsum, accept, correct = eagle_soft_ce(
                 out.hidden_NKD, draft_head, batch.target_hidden_NKD, self.lm_head_weight_VD, batch.valid_NK, w,
-                d2t, self.vocab_chunk)
+                out.draft_to_target_v, self.vocab_chunk)
             valid = batch.valid_NK.bool()
             tv = (w * 2 * (1 - accept) * valid).sum()
             return LossParts(loss, loss.detach(), tv, tv.new_zeros(()), wsum, accept, correct, valid)

@@ -87,8 +87,6 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         print0(f"[train] init_from={cfg.init_from}: drafter weights loaded (fresh optimizer, step 0)")
     elif spec.kind == "eagle3" and spec.draft_vocab_size is not None:
         set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size)
-    if spec.kind == "eagle3" and getattr(drafter, "pruned", False):
-        drafter.lm_head.weight.requires_grad_(False)  # eagle_soft_ce gives no gradient to the draft head
     if tr.activation_checkpointing:
         apply_activation_checkpointing(drafter)
     weights_K = loss_weights(spec, cfg.loss.gamma_w)
@@ -100,7 +98,7 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
                                tr.weight_decay, tr.grad_clip, bf16, ds.offload_optimizer, ds.offload_param,
                                ds.overlap_comm, ds.reduce_bucket_size, OmegaConf.to_container(ds.extra))
     lr_lambda = make_lr_lambda(total_steps, tr.schedule, tr.warmup_ratio, tr.min_lr_ratio, tr.decay_ratio)
-    engine = build_engine(model, ds_config, lr_lambda, list(ds.leaf_modules))
+    engine = build_engine(model, ds_config, lr_lambda, list(ds.leaf_modules), drafter.external_parameters())
 
     fingerprint = run_fingerprint(cfg, spec, target, bf16)
     state = ckpt.TrainState()
