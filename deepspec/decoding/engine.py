@@ -58,6 +58,7 @@ class RoundLog:
     committed: list[int] = field(default_factory=list)  # tokens committed by the round (tau_round)
     eos_stop: list[bool] = field(default_factory=list)  # an accepted EOS ended the round early
     conf_logits: list[list[float]] = field(default_factory=list)  # raw confidence logits of the K drafts
+    times_ms: list[tuple[float, float, float]] = field(default_factory=list)  # (draft, verify, other) of the round
 
     def __len__(self) -> int:
         return len(self.request)
@@ -270,11 +271,15 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
         _sync(device)
         t5 = time.perf_counter()
 
+        last_B = result.committed_BK1.gather(1, (result.num_committed_B - 1).clamp_min(0)[:, None])[:, 0]
+        anchor_B = torch.where(active_B, last_B, anchor_B)
+        anchor_pos_B = anchor_pos_B + keep_B
         committed = result.committed_BK1.tolist()
         num_committed = result.num_committed_B.tolist()
         accepted = accepted_B.tolist()
         n_list = n_B.tolist()
         logit_rows = None if logits_BK is None else logits_BK.tolist()
+        n_logged = 0
         for b in range(B):
             if not stop.active[b]:
                 continue
@@ -286,13 +291,13 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
             if logit_rows is not None:
                 log.conf_logits.append(logit_rows[b])
             stop.push(b, committed[b][:num_committed[b]])
-        last_B = result.committed_BK1.gather(1, (result.num_committed_B - 1).clamp_min(0)[:, None])[:, 0]
-        anchor_B = torch.where(active_B, last_B, anchor_B)
-        anchor_pos_B = anchor_pos_B + keep_B
+            n_logged += 1
         t6 = time.perf_counter()
-        timings.draft_s += (t1 - t0) + (t5 - t4)
-        timings.verify_s += t3 - t2
-        timings.other_s += (t2 - t1) + (t4 - t3) + (t6 - t5)
+        draft_s, verify_s, other_s = (t1 - t0) + (t5 - t4), t3 - t2, (t2 - t1) + (t4 - t3) + (t6 - t5)
+        log.times_ms.extend([(1e3 * draft_s, 1e3 * verify_s, 1e3 * other_s)] * n_logged)
+        timings.draft_s += draft_s
+        timings.verify_s += verify_s
+        timings.other_s += other_s
         timings.steps += 1
     timings.total_s = time.perf_counter() - start
     return Generation(tokens=stop.tokens, timings=timings, rounds=log)

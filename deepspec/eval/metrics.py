@@ -49,7 +49,16 @@ def round_metrics(log: RoundLog, K: int) -> dict:
         "tokens_per_verify": float((n + 1).mean()),
         "acceptance_rate": float(a.sum() / n.sum()) if float(n.sum()) > 0 else None,
         "committed_per_round": float(torch.tensor(log.committed, dtype=torch.double).mean()),
+        **_round_latency(log),
     }
+
+
+def _round_latency(log: RoundLog) -> dict:
+    """Median and 90th percentile of a round's wall time (draft + verify + other), in ms."""
+    if not log.times_ms:
+        return {}
+    total = torch.tensor([sum(t) for t in log.times_ms], dtype=torch.double)
+    return {"round_ms_p50": float(total.quantile(0.5)), "round_ms_p90": float(total.quantile(0.9))}
 
 
 def match_metrics(spec_tokens: list[list[int]], base_tokens: list[list[int]]) -> dict:
@@ -102,5 +111,6 @@ def merge_logs(logs: Sequence[RoundLog]) -> RoundLog:
         out.committed.extend(log.committed)
         out.eos_stop.extend(log.eos_stop)
         out.conf_logits.extend(log.conf_logits)
+        out.times_ms.extend(log.times_ms)
         offset += (max(log.request) + 1) if log.request else 0
     return out
