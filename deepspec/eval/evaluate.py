@@ -71,6 +71,11 @@ def answer_text(target: FrozenTarget, tokens: list[int]) -> str:
     return target.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
 
 
+def device_generator(target: FrozenTarget, seed: int) -> torch.Generator:
+    """A seeded generator on the target's device (sampling on CUDA needs a CUDA generator)."""
+    return torch.Generator(device=target.device).manual_seed(seed)
+
+
 def _spec(target, drafter, prompts, settings: DecodeSettings, generator) -> Generation:
     return generate_speculative(target, drafter, prompts, settings.max_new_tokens, settings.sampling,
                                 target.eos_token_ids, block_size=settings.block_size,
@@ -88,8 +93,8 @@ def warm_up(target: FrozenTarget, drafter, settings: DecodeSettings) -> None:
     """One short generation of each decoder, so one-off costs do not land in the first timing."""
     prompt = encode_chat(target, [{"role": "user", "content": "Hello"}])
     short = DecodeSettings(**{**settings.__dict__, "max_new_tokens": 4})
-    _base(target, [prompt], short, torch.Generator().manual_seed(0))
-    _spec(target, drafter, [prompt], short, torch.Generator().manual_seed(0))
+    _base(target, [prompt], short, device_generator(target, 0))
+    _spec(target, drafter, [prompt], short, device_generator(target, 0))
 
 
 def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: DecodeSettings,
@@ -103,8 +108,8 @@ def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: Dec
 
     K = int(settings.block_size or drafter.spec.block_size)
     result = BenchmarkRun(name=bench.name, block_size=K, conversations=len(bench.conversations))
-    g_base = torch.Generator().manual_seed(settings.seed)
-    g_spec = torch.Generator().manual_seed(settings.seed + 1)
+    g_base = device_generator(target, settings.seed)
+    g_spec = device_generator(target, settings.seed + 1)
     bar = tqdm(total=bench.num_turns, desc=f"eval {bench.name}", unit="prompt", disable=not progress)
     convs = bench.conversations
     batch_index = 0
