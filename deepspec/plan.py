@@ -12,8 +12,9 @@ parameters counted. Printed and returned (summary.json):
   accounting: bf16 weights 2 B + bf16 grads 2 B + fp32 master, Adam m and v 12 B per parameter;
   ZeRO-1 shards the 12 B, ZeRO-2 also the grads, ZeRO-3 everything, over nodes x gpus_per_node.
   Activations are an estimate for one micro-batch (formula in `activation_bytes`).
-- cache_bytes_per_token per storage dtype (id + loss mask + the m taps and the final hidden; fp8
-  adds a 4-byte scale per row) and the terabytes for `plan.tokens` tokens.
+- cache_bytes_per_token per storage dtype, as `deepspec data features` stores them (int32 id + mask
+  byte + the m taps and the final hidden; fp8 adds a 4-byte scale per row), and the terabytes for
+  `plan.tokens` tokens.
 - an expected cost: GPU-hours for `trainer.epochs` over `plan.tokens`, per micro-step the larger
   of compute (at `plan.mfu` of an H100's bf16 peak) and ZeRO traffic (stage 3: all-gather the bf16
   weights for forward and backward + reduce-scatter the grads = 6 B/param; stages 0-2: all-reduce
@@ -78,9 +79,10 @@ def target_params(config) -> int:
 
 
 def cache_bytes_per_token(hidden: int, num_taps: int, dtype: str) -> int:
-    """Feature-cache bytes per token: int32 id + mask/flags (6 B) + (m taps + final) rows of `hidden`."""
-    rows = num_taps + 1
-    return 6 + DTYPE_BYTES[dtype] * hidden * rows + (4 * rows if dtype == "fp8" else 0)
+    """Feature-cache bytes per token, as `deepspec data features` writes them (data_tools/cache.py)."""
+    from data_tools.cache import bytes_per_token
+
+    return bytes_per_token(num_taps, hidden, dtype)
 
 
 def model_state_bytes(params: int, stage: int, world: int) -> int:
