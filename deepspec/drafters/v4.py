@@ -23,7 +23,9 @@ inference) and `forward` (queries from the block, through deepspec's `attend`).
 Differences from the published drafter (exact elsewhere; see deepspec/export/v4.py):
 - no attention sinks: deepspec's `attend` is a plain softmax. Export writes attn_sink = -1e30
   (exactly "no sink"); import drops published sinks and says so.
-- the sliding window is the one deepspec's block masks apply (`drafter.sliding_window`).
+- the sliding window is the one deepspec's block masks apply: query slot k sees context position c
+  when (anchor + k) - c < w; the published drafter gives every slot the same last w positions
+  before the anchor (c >= anchor - w), so here slot k sees k + 1 fewer of the oldest positions.
 - routing is V4's top-k ("moe" layer type); hash routing is not used by draft layers.
 """
 
