@@ -109,7 +109,11 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     elif cfg.resume == "auto":
         print0(f"[train] resume=auto: no checkpoint under {ckpt.checkpoints_dir(cfg.output_dir)}; starting afresh")
 
-    heldout = heldout_source if heldout_source is not None else train_source
+    heldout = heldout_source
+    if heldout is None or len(heldout) < env.world_size:
+        print0(f"[train] held-out split has {0 if heldout is None else len(heldout)} sequences for {env.world_size} "
+               f"rank(s); simulated τ is measured on the first training sequences instead")
+        heldout = train_source
     eval_batches = [make_batch(heldout.get_batch(p.indices), spec, p.seed, env.device, dtype)
                     for p in eval_plan(len(heldout), tr.eval_sequences, tr.micro_batch, env.world_size, env.rank,
                                        cfg.seed)]
