@@ -179,6 +179,26 @@ def threshold_budget(conf_BK: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.cumprod((conf_BK >= threshold).long(), dim=1).sum(dim=1)
 
 
+def _drafts_to_verify(conf_logits_BK: torch.Tensor | None, active_B: torch.Tensor, K: int,
+                      threshold: float | None, budget_fn: BudgetFn | None, sts_temperatures: torch.Tensor | None,
+                      kind: str) -> torch.Tensor:
+    """n_B: K for active requests, cut by the confidence threshold and/or the scheduler; 0 when done."""
+    n_B = torch.where(active_B, K, 0).long()
+    if threshold is None and budget_fn is None:
+        return n_B
+    if conf_logits_BK is None:
+        raise ValueError(f"eval.confidence_threshold / eval.scheduler need confidences, but this {kind} drafter "
+                         f"has no confidence head; unset them or use a DSpark drafter trained with "
+                         f"drafter.confidence_head=true")
+    conf_BK = calibrated_confidence(conf_logits_BK, sts_temperatures).to(active_B.device)
+    if threshold is not None:
+        n_B = torch.minimum(n_B, threshold_budget(conf_BK, threshold))
+    if budget_fn is not None:
+        masked = torch.where(active_B[:, None], conf_BK, torch.full_like(conf_BK, float("nan")))
+        n_B = torch.minimum(n_B, budget_fn(masked.cpu(), active_B.cpu()).to(n_B.device).long())
+    return n_B
+
+
 @torch.no_grad()
 def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts: list[list[int]],
                          max_new_tokens: int, sampling: SamplingParams, eos_ids: Sequence[int],
@@ -234,20 +254,9 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
         t1 = time.perf_counter()
 
         active_B = stop.active_mask(device)
-        n_B = torch.full((B,), K, dtype=torch.long, device=device)
         logits_BK = _conf_logits(None if prop.conf_BK is None else prop.conf_BK[:, :K])
-        if logits_BK is None and (confidence_threshold is not None or budget_fn is not None):
-            raise ValueError(f"eval.confidence_threshold / eval.scheduler need confidences, but this "
-                             f"{spec.kind} drafter has no confidence head; unset them or use a DSpark drafter "
-                             f"trained with drafter.confidence_head=true")
-        if logits_BK is not None and (confidence_threshold is not None or budget_fn is not None):
-            conf_BK = calibrated_confidence(logits_BK, sts_temperatures).to(device)
-            if confidence_threshold is not None:
-                n_B = torch.minimum(n_B, threshold_budget(conf_BK, confidence_threshold))
-            if budget_fn is not None:
-                masked = torch.where(active_B[:, None], conf_BK, torch.full_like(conf_BK, float("nan")))
-                n_B = torch.minimum(n_B, budget_fn(masked.cpu(), active_B.cpu()).to(device).long())
-        n_B = torch.where(active_B, n_B, torch.zeros_like(n_B))
+        n_B = _drafts_to_verify(logits_BK, active_B, K, confidence_threshold, budget_fn, sts_temperatures,
+                                spec.kind)
         W = max(int(n_B.max()), 1)  # the kernel needs K >= 1 columns; n_B = 0 verifies none of them
         t2 = time.perf_counter()
 
