@@ -84,11 +84,11 @@ WHY_UNEXPECTED = {
 }
 
 
-def _why(name: str, table: dict[str, str]) -> str:
-    for key, text in table.items():
-        if key in name:
-            return f" ({text})"
-    return ""
+def _listing(label: str, names: list[str], table: dict[str, str]) -> str:
+    """'label: a; b; ...' followed by each distinct reason the table gives for those names, once."""
+    shown = "; ".join(names[:12]) + (f"; ... {len(names) - 12} more" if len(names) > 12 else "")
+    reasons = [text for key, text in table.items() if any(key in n for n in names)]
+    return f"{label}: {shown}" + "".join(f"\n    why: {r}" for r in reasons)
 
 
 def check_export(config: Mapping[str, Any], shapes_by_name: Mapping[str, tuple[int, ...]]) -> None:
@@ -104,11 +104,9 @@ def check_export(config: Mapping[str, Any], shapes_by_name: Mapping[str, tuple[i
     unexpected = sorted(k for k in set(shapes_by_name) - set(expected) if k not in optional)
     wrong = sorted(k for k in set(expected) & set(shapes_by_name) if tuple(shapes_by_name[k]) != tuple(expected[k]))
     if missing:
-        problems.append("missing keys: " + "; ".join(m + _why(m, WHY_MISSING) for m in missing[:12])
-                        + (f"; ... {len(missing) - 12} more" if len(missing) > 12 else ""))
+        problems.append(_listing("missing keys", missing, WHY_MISSING))
     if unexpected:
-        problems.append("unexpected keys: " + "; ".join(u + _why(u, WHY_UNEXPECTED) for u in unexpected[:12])
-                        + (f"; ... {len(unexpected) - 12} more" if len(unexpected) > 12 else ""))
+        problems.append(_listing("unexpected keys", unexpected, WHY_UNEXPECTED))
     if wrong:
         problems.append("wrong shapes: " + "; ".join(f"{k} {tuple(shapes_by_name[k])} != {tuple(expected[k])}"
                                                       for k in wrong))

@@ -126,11 +126,11 @@ def test_key_check_names_missing_and_unexpected_keys(tiny_target):
 def test_key_check_refuses_what_vllm_would_misread(tiny_target, tmp_path):
     # a Llama-family DSpark has no q/k norm; vLLM's Qwen3 draft layers always apply one
     llama, _ = make(tiny_target, "dspark", family="llama")
-    with pytest.raises(ExportCheckError, match=r"layers\.0\.self_attn\.q_norm\.weight.*q/k RMSNorm"):
+    with pytest.raises(ExportCheckError, match=r"(?s)layers\.0\.self_attn\.q_norm\.weight.*q/k RMSNorm"):
         export_drafter(llama, "vllm", tmp_path / "a", dtype="float32")
     # an RNN head has no place in the engines: refused, never dropped
     rnn, _ = make(tiny_target, "dspark", head="rnn")
-    with pytest.raises(ExportCheckError, match=r"deepspec_unmapped\.head\.gates\.weight.*RNN"):
+    with pytest.raises(ExportCheckError, match=r"(?s)deepspec_unmapped\.head\.gates\.weight.*RNN"):
         export_drafter(rnn, "sglang", tmp_path / "b", dtype="float32")
     # vLLM's DFlashDraftModel samples the mask slots: a deepspec block would be read one slot late
     dflash, _ = make(tiny_target, "dflash", head="none")
@@ -157,7 +157,7 @@ def test_confidence_head_is_never_dropped(tiny_target, tmp_path):
     assert tensors["markov_head.markov_w2.weight"].shape == (drafter.shapes.vocab_size, 8)
     del tensors["confidence_head.proj.weight"], tensors["confidence_head.proj.bias"]
     save_file(tensors, str(tmp_path / ENGINE_WEIGHTS))
-    with pytest.raises(ExportCheckError, match="confidence_head.proj.weight.*drops the confidence head"):
+    with pytest.raises(ExportCheckError, match="(?s)confidence_head.proj.weight.*drops the confidence head"):
         check_export_dir(tmp_path)
 
 
