@@ -14,10 +14,10 @@ from deepspec.drafters import DrafterSpec, Proposal, build_drafter
 GREEDY = SamplingParams()
 
 
-def make_drafter(target, kind: str, K: int = 4, seed: int = 0):
+def make_drafter(target, kind: str, K: int = 4, seed: int = 0, backbone: str = "llama"):
     V = target.vocab_size
-    spec = DrafterSpec(kind=kind, num_layers=1 if kind == "eagle3" else 2, block_size=K, mask_token_id=V - 1,
-                       markov_rank=8, num_taps=3)
+    spec = DrafterSpec(kind=kind, num_layers=1 if kind in ("eagle3",) or backbone == "v4" else 2, block_size=K,
+                       mask_token_id=V - 1, markov_rank=8, num_taps=3, backbone=backbone)
     torch.manual_seed(seed)
     drafter = build_drafter(spec, target.shapes)
     drafter.attach_target(target.embed_tokens, target.lm_head_weight)
@@ -224,6 +224,7 @@ def test_deepseek_v4_compressed_cache_rolls_back_by_snapshot_and_replay(tiny_tar
     spec = generate_speculative(target, OracleDrafter(target, K=4, corrupt=0.3), prompts, 20, GREEDY, [])
     assert spec.tokens == base.tokens
     assert len(set(spec.rounds.accepted)) >= 3
-    assert generate_speculative(target, make_drafter(target, "dspark"), prompts, 20, GREEDY, []).tokens == base.tokens
+    v4_drafter = make_drafter(target, "dspark", backbone="v4")  # MoE + mHC draft layers (SPEC §7)
+    assert generate_speculative(target, v4_drafter, prompts, 20, GREEDY, []).tokens == base.tokens
     with pytest.raises(ValueError, match="batch_size=1"):
         generate_speculative(target, make_drafter(target, "dflash"), prompts * 2, 4, GREEDY, [])
