@@ -103,11 +103,14 @@ def test_regenerate_through_vllm_serve(server, tmp_path):
     assert summary["input_rows"] == len(ROWS) == len(rows)
     assert summary["success"] == 4 and summary["skipped"] == 2 and summary["error"] == 0, summary
     assert [r["index"] for r in rows] == list(range(len(ROWS)))
-    by_id = {r["id"]: r for r in rows if r["status"] == "success"}
-    assert set(by_id) == {"add", "multi", "sharegpt", "gsm"}
-    multi = [m for m in by_id["multi"]["messages"] if m["role"] == "assistant"]
+    assert [r["status"] for r in rows] == ["success", "skipped", "skipped", "success", "success", "success"]
+    assert [r.get("reason") for r in rows[1:3]] == ["bad_json", "no_user_turn"]
+    assert rows[0]["id"] == "add" and rows[3]["id"] == "multi"  # ids given in the input are kept
+    multi = [m for m in rows[3]["messages"] if m["role"] == "assistant"]
     assert len(multi) == 2 and all(m["content"] and not m["content"].startswith("old") for m in multi)
-    assert by_id["add"]["messages"][-1]["content"] != "an old answer"
+    assert rows[0]["messages"][-1]["content"] != "an old answer"
+    assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"]
+               for r in rows if r["status"] == "success")
     assert summary["new_tokens"] > 0
 
     # resume: keep three journalled rows (the two skipped ones are journalled first, then one answered
