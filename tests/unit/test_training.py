@@ -97,3 +97,42 @@ def test_fingerprint_diff_names_keys_and_wandb_modes(monkeypatch):
     assert wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode("online") is None
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients(tiny_target):
+    import copy
+
+    import torch
+
+    from deepspec.drafters import DrafterSpec, build_drafter
+    from deepspec.training.loop import DraftLoss, loss_weights, make_batch
+    from deepspec.training.synthetic import TargetGeneratedSource
+    from deepspec.training.train import apply_activation_checkpointing
+
+    target = tiny_target("llama")
+    torch.manual_seed(0)
+    spec = DrafterSpec(kind="dspark", num_layers=2, markov_rank=8, mask_token_id=255, anchors_per_seq=6)
+    drafter = build_drafter(spec, target.shapes)
+    twin = copy.deepcopy(drafter)
+    apply_activation_checkpointing(twin)
+    seqs = TargetGeneratedSource(target, drafter.spec.layer_ids, 3, answer_len=10).get_batch([0, 1, 2])
+    batch = make_batch(seqs, drafter.spec, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    grads, saved = [], []
+    for d in (drafter, twin):
+        d.attach_target(target.embed_tokens, target.lm_head_weight)
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = DraftLoss(d, target.lm_head_weight, loss_weights(d.spec, None), 0.1, 0.9, 1.0, 100)(batch).loss_sum
+        loss.backward()
+        saved.append(count[0])
+        grads.append((loss.detach(), [p.grad.clone() for p in d.parameters() if p.grad is not None]))
+    assert saved[1] < saved[0] / 2, saved  # the layers' activations are recomputed, not stored
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
