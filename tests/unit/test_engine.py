@@ -192,6 +192,28 @@ def test_sampled_first_token_follows_the_target_distribution(tiny_target, params
     assert chi_square_p(counts, p_d) < 1e-6
 
 
+def test_sampled_first_token_with_the_scheduler_in_the_loop_follows_the_target(tiny_target, tmp_path):
+    """Algorithm 1 picks per-request budgets from the confidences; the output law must not move."""
+    from deepspec.decoding.scheduler import SPSTable
+    from deepspec.eval.setup import make_budget_fn
+
+    target = tiny_target("llama", vocab_size=32, initializer_range=0.2)
+    drafter = make_drafter(target, "dspark", K=3, seed=2)
+    # flat SPS up to 4500 batch tokens, then a cliff: of 3000 requests about half get a draft verified
+    SPSTable((1, 4500, 9000), (100.0, 100.0, 1.0)).save_json(tmp_path / "sps.json")
+    prompt = random_prompts(32, (6,), seed=5)[0]
+    params = SamplingParams(temperature=1.0)
+    gen = generate_speculative(target, drafter, [prompt] * 3000, 1, params, [],
+                               budget_fn=make_budget_fn("algorithm1", str(tmp_path / "sps.json")),
+                               generator=torch.Generator().manual_seed(1))
+    budgets = torch.tensor(gen.rounds.proposed)
+    assert int(budgets.min()) < int(budgets.max()), "the scheduler did not vary the budget"
+    counts = torch.bincount(torch.tensor([t[0] for t in gen.tokens]), minlength=32)
+    with torch.no_grad():
+        last = target.model.get_decoder()(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
+    assert chi_square_p(counts, target_probs(target.logits(last), params)) > 1e-3
+
+
 def test_target_probs_top_k_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
     torch.testing.assert_close(target_probs(logits, SamplingParams(1.0, top_k=2)),
