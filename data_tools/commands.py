@@ -33,7 +33,7 @@ def prompts(cfg) -> dict[str, Any]:
 
     weights = None if cfg.data.weights is None else [float(w) for w in cfg.data.weights]
     summary = prepare_prompts(list(cfg.data.sources), weights, cfg.data.max_rows, cfg.data.heldout_fraction,
-                              cfg.data.seed, Path(cfg.output_dir))
+                              cfg.data.seed, Path(cfg.output_dir), max_prompt_chars=cfg.data.max_prompt_chars)
     print0(format_summary(summary))
     return summary
 

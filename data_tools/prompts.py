@@ -231,6 +231,10 @@ def _validate(
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in [0, 1)")
 
 
+def _prompt_chars(row: Row) -> int:
+    return sum(len(m["content"]) for m in row["messages"] if m["role"] != "assistant")
+
+
 def prepare_prompts(
     sources: list[str],
     weights: list[float] | None,
@@ -239,8 +243,12 @@ def prepare_prompts(
     seed: int,
     output_dir: Path,
     progress: bool = True,
+    max_prompt_chars: int | None = None,
 ) -> dict[str, Any]:
     """Read, normalise, de-duplicate, mix, cap and split; write the output files.
+
+    ``max_prompt_chars`` drops rows whose system + user text is longer (reason
+    ``prompt_too_long``): a cheap, tokenizer-free way to keep CPU runs to short contexts.
 
     Writes ``output_dir/train.jsonl``, ``heldout.jsonl`` and ``summary.json``
     (each atomically) and returns the summary dict (see the module docstring).
@@ -272,6 +280,8 @@ def prepare_prompts(
                 row, reason = normalise_row(raw.value, name, raw.index)
             if row is not None and content_key(row["id"]) in seen:
                 row, reason = None, "duplicate"
+            if row is not None and max_prompt_chars is not None and _prompt_chars(row) > max_prompt_chars:
+                row, reason = None, "prompt_too_long"
             if row is None:
                 stats["dropped"][reason] += 1
                 continue

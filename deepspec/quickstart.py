@@ -71,14 +71,15 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     recipe = cfg.recipe
     prompts_fn, regen_fn, train_fn, eval_fn = _stage_funcs()
-    common = [f"seed={cfg.seed}"]
+    common = [f"seed={cfg.seed}", f"data.max_seq_len={q.max_seq_len}"]
     times: dict[str, float] = {}
     reused: dict[str, bool] = {}
 
     p_sum, p_fp, times["prompts"], reused["prompts"] = _run_stage(
         "prompts", out / "prompts",
         common + [f"data.sources=[{','.join(q.sources)}]", f"data.weights=[{','.join(str(w) for w in q.weights)}]",
-                  f"data.max_rows={q.prompts}", f"data.heldout_fraction={q.heldout_fraction}"],
+                  f"data.max_rows={q.prompts}", f"data.heldout_fraction={q.heldout_fraction}",
+                  f"data.max_prompt_chars={q.max_prompt_chars}"],
         [], prompts_fn, recipe)
     r_sum, r_fp, times["regenerate"], reused["regenerate"] = _run_stage(
         "regenerate", out / "regenerate",

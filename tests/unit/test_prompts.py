@@ -349,3 +349,13 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path):
         write_jsonl_atomic(path, broken())
     assert path.read_text() == '{"a": 1}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_max_prompt_chars_drops_long_prompts(tmp_path):
+    from data_tools.prompts import prepare_prompts
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"turns": ["short"]}\n{"turns": ["' + "x" * 500 + '"]}\n')
+    summary = prepare_prompts([str(src)], None, None, 0.0, 0, tmp_path / "out", progress=False,
+                              max_prompt_chars=100)
+    assert summary["rows_kept"] == 1 and summary["dropped"]["prompt_too_long"] == 1
