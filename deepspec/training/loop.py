@@ -13,7 +13,7 @@ one process with gradient accumulation and N processes give the same update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import torch
@@ -82,7 +82,11 @@ class DraftLoss(nn.Module):
         self.alphas = (alpha_ce, alpha_tv, alpha_conf)
         self.vocab_chunk = vocab_chunk
 
-    def forward(self, batch: Batch) -> LossParts:
+    def forward(self, batch: Batch) -> tuple[Tensor, ...]:
+        """LossParts as a plain tuple: ZeRO-3 hooks the backward of tuple outputs (re-gathering W2)."""
+        return astuple_shallow(self.losses(batch))
+
+    def losses(self, batch: Batch) -> LossParts:
         out = self.drafter(batch)
         w = self.weights_K
         if self.kind == "eagle3":  # soft CE against the target over the (pruned, frozen) draft vocabulary
@@ -99,6 +103,10 @@ class DraftLoss(nn.Module):
                            a_ce, a_tv, a_conf, self.vocab_chunk)
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
+
+
+def astuple_shallow(parts: LossParts) -> tuple[Tensor, ...]:
+    return tuple(getattr(parts, f.name) for f in fields(parts))
 
 
 class Tally:
@@ -144,7 +152,7 @@ def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int)
     scale = len(batches) * world_size / global_w
     tally = Tally(weights_K.numel())
     for batch in batches:
-        parts = engine(batch)
+        parts = LossParts(*engine(batch))
         engine.backward(parts.loss_sum * scale)
         engine.step()
         tally.add(parts, batch.valid_NK.numel())
@@ -158,6 +166,6 @@ def evaluate(module: DraftLoss, batches: list[Batch], device: torch.device) -> d
     module.eval()
     tally = Tally(module.weights_K.numel())
     for batch in batches:
-        tally.add(module(batch), batch.valid_NK.numel())
+        tally.add(LossParts(*module(batch)), batch.valid_NK.numel())
     module.train(was_training)
     return tally.reduce(device)

@@ -74,6 +74,11 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     t_start = time.perf_counter()
     tr = cfg.trainer
     spec = resolve_spec(section(cfg, "drafter"), target.shapes)
+    if tr.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"trainer.precision={tr.precision!r}; choose auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
+    if not cfg.deepspeed.enabled:
+        raise ValueError("deepspeed.enabled=false: the trainer always runs a DeepSpeed engine; for plain data "
+                         "parallel without ZeRO use deepspeed=none (stage 0)")
     bf16 = tr.precision == "bf16" or (tr.precision == "auto" and env.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     grad_accum = grad_accum_steps(tr.global_batch, tr.micro_batch, env.world_size)
@@ -117,7 +122,7 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     eval_batches = [make_batch(heldout.get_batch(p.indices), spec, p.seed, env.device, dtype)
                     for p in eval_plan(len(heldout), tr.eval_sequences, tr.micro_batch, env.world_size, env.rank,
                                        cfg.seed)]
-    n_params = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in drafter.parameters() if p.requires_grad)
     print0(format_table([{"drafter": spec.kind, "trainable": f"{n_params / 1e6:.2f}M", "world": env.world_size,
                           "zero": ds.zero_stage, "global_batch": tr.global_batch, "micro": tr.micro_batch,
                           "grad_accum": grad_accum, "steps": total_steps,
