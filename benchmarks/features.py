@@ -61,7 +61,13 @@ def main() -> None:
     p.add_argument("--sequences", type=int, default=16)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--target", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0 = torch default); on a CPU shared with other jobs, 1 avoids "
+                        "OpenMP spin-wait collapse (measured 20x slower at 2 threads under load)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
     target = load_target(a.target, name=a.target, device="cpu")
     seqs = sequences(target.tokenizer, a.sequences)
     tokens = sum(len(s.input_ids) for s in seqs)

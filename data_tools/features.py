@@ -13,7 +13,9 @@
 - ``hybrid``: online during the first pass, and every computed sequence is written (in
   ``storage_dtype``) to shards in ``cache_dir``; later requests for it read the shard.
   Features are returned after the storage round trip in both cases, so every epoch sees
-  the same values. ``cache_dir`` keeps its shards across runs (same fingerprint).
+  the same values. ``cache_dir`` keeps its shards across runs (same fingerprint). A shard
+  is written every ``shard_tokens`` computed tokens and when every sequence is covered;
+  call ``source.flush()`` at the end of an epoch to write the rest.
 
 Splits: conversations carry the split of their prompt (train / heldout). ``split=
 "heldout"`` returns the held-out sequences; when there are none, the last 5% (at least
@@ -131,6 +133,11 @@ class SplitView:
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
         return self.source.get_batch([self.indices[i] for i in indices])
 
+    def flush(self) -> None:
+        """Hybrid: write what is computed but not yet in a shard (call at the end of an epoch)."""
+        if hasattr(self.source, "flush"):
+            self.source.flush()
+
 
 class CacheSource:
     """A FeatureCache as a FeatureSource (features moved to ``device``)."""
@@ -163,9 +170,6 @@ class OnlineSource:
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
         return extract_features(self.target, self.layer_ids, [self.sequences[i] for i in indices],
                                 self.batch_tokens)
-
-    def tokens(self) -> int:
-        return sum(len(s.input_ids) for s in self.sequences)
 
 
 class HybridSource(OnlineSource):
