@@ -26,7 +26,7 @@ COMMANDS: dict[tuple[str, Optional[str]], tuple[str, Optional[str], str]] = {
     ("eval", None): ("deepspec.eval.run:run", None, "speculative decoding: tau, acceptance, speedup"),
     ("eval", "profile"): ("deepspec.eval.profile:run", None, "measure SPS(B) of the target on this hardware"),
     ("eval", "calibrate"): ("deepspec.eval.calibrate:run", None, "fit STS temperatures of the confidence head"),
-    ("export", None): ("deepspec.export.run:run", None, "write a drafter vLLM / SGLang / HF / V4 can load"),
+    ("export", None): ("deepspec.export.run:run", "dspark_smollm2", "write a drafter vLLM / SGLang / HF / V4 can load"),
     ("plan", None): ("deepspec.plan:run", None, "capacity plan: parameters, memory per GPU, cache size"),
     ("quickstart", None): ("deepspec.quickstart:run", "quickstart_smollm2",
                            "the whole pipeline on the embedded SmolLM2 target, on CPU"),

@@ -113,8 +113,12 @@ class FrozenTarget:
         if not ids:
             raise ValueError("no tapped layers given (drafter.layer_ids is empty after defaults)")
         last = self.num_layers - 1
+        if self.shapes.model_type == "deepseek_v4":
+            # V4's last decoder layer outputs the 4-stream mHC residual, before hc_head and the final
+            # norm: not post-norm, so it is a valid tap (the published V4 DSpark taps it).
+            last += 1
         for i in ids:
-            if i == last:
+            if i == last and last == self.num_layers - 1:
                 raise ValueError(f"layer {i} is the final layer of {self.name} ({self.num_layers} layers): its "
                                  f"hidden_states entry is post-norm; tap at most layer {last - 1}")
             if not 0 <= i < last:
