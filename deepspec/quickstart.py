@@ -141,7 +141,7 @@ def _print_report(summary: dict) -> None:
         ppa = b.get("per_position_acceptance") or []
         rows.append({"benchmark": name, "tau": b.get("tau"), "speedup": b.get("speedup"),
                      "greedy_match": b.get("greedy_match"),
-                     "per_position_acceptance": [round(x, 2) for x in ppa[:7]]})
+                     "per_position_acceptance": [None if x is None else round(x, 2) for x in ppa[:7]]})
     print0("\n=== deepspec quickstart: DSpark on SmolLM2-135M-Instruct (CPU) ===")
     print0(format_table(rows))
     if len(summary["drafters"]) > 1:
