@@ -29,7 +29,8 @@ def layer_dims(spec: DrafterSpec, shapes: TargetShapes) -> LayerDims:
     """Draft layer geometry from a resolved spec and the target's shapes."""
     return LayerDims(hidden_size=shapes.hidden_size, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
                      head_dim=spec.head_dim, intermediate_size=spec.intermediate_size,
-                     rms_norm_eps=shapes.rms_norm_eps, rope_theta=shapes.rope_theta, qk_norm=shapes.qk_norm,
+                     rms_norm_eps=shapes.rms_norm_eps, rope_theta=shapes.rope_theta,
+                     qk_norm=shapes.qk_norm if spec.qk_norm is None else spec.qk_norm,
                      sliding_window=spec.sliding_window)
 
 

@@ -44,6 +44,9 @@ class DrafterSpec:
     num_heads: Optional[int] = None
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
+    # per-head q/k RMSNorm in the draft layers; None = the target's (Qwen3 yes, Llama no). vLLM/SGLang
+    # DFlash/DSpark draft layers always have it, so recipes that export to them set it to true.
+    qk_norm: Optional[bool] = None
     ttt_steps: int = 7  # Eagle3 training-time-test unroll length
     ttt_decay: float = 0.8  # Eagle3 loss weight decay per step (weights ttt_decay**j)
     draft_vocab_size: Optional[int] = None  # Eagle3 vocabulary pruning; None = full vocab

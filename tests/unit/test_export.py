@@ -254,3 +254,22 @@ def test_cli_pruned_eagle3_takes_the_lm_head_from_the_training_runs_target(tiny_
     other = tiny_target("llama", seed=3)  # another target: the written head no longer matches
     with pytest.raises(ValueError, match="written for another target"):
         load_exported(out, other.embed_tokens, other.lm_head_weight)
+
+
+@pytest.mark.parametrize("recipe", ["dspark_smollm2", "dflash_smollm2", "eagle3_smollm2"])
+def test_smollm2_recipe_drafters_export_for_vllm_and_sglang(recipe, tmp_path):
+    """The CPU recipes' drafters (Llama target, no q/k norm of its own) are accepted by the key check."""
+    from deepspec.config import compose, section
+    from deepspec.drafters import build_drafter
+    from deepspec.export.drafter import export_drafter
+    from tests.conftest import make_tiny_target
+
+    target = make_tiny_target("llama")
+    spec = section(compose([f"recipe={recipe}"]), "drafter")
+    spec.num_layers, spec.markov_rank, spec.mask_token_id = min(spec.num_layers, 1), 8, target.vocab_size - 1
+    spec.layer_ids, spec.draft_vocab_size = ([1, 2, 3] if spec.kind == "eagle3" else [0, 1, 2, 3, 4]), None
+    drafter = build_drafter(spec, target.shapes)
+    drafter.attach_target(target.embed_tokens, target.lm_head_weight)
+    for fmt in ("vllm", "sglang"):
+        summary = export_drafter(drafter, fmt, tmp_path / fmt)
+        assert (tmp_path / fmt / "config.json").exists() and summary["files"]
