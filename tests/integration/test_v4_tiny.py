@@ -56,7 +56,7 @@ def test_tiny_v4_trains_exports_and_reimports(tmp_path):
 @pytest.mark.distributed
 def test_tiny_v4_two_process_zero3(tmp_path):
     out = tmp_path / "z3"
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "deepspec", "train", "recipe=dspark_v4_tiny",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepspec", "train", "recipe=dspark_v4_tiny",
            "deepspeed=zero3", "deepspeed.leaf_modules=[DeepseekV4SparseMoeBlock]", "trainer.max_steps=3",
            f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1500)
