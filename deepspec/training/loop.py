@@ -73,7 +73,7 @@ class DraftLoss(nn.Module):
     """The drafter plus its distillation loss; the frozen LM head is a plain attribute, not a parameter."""
 
     def __init__(self, drafter: nn.Module, lm_head_weight_VD: Tensor, weights_K: Tensor, alpha_ce: float,
-                 alpha_tv: float, alpha_conf: float, vocab_chunk: int):
+                 alpha_tv: float, alpha_conf: float, vocab_chunk: int, keep_probs_mb: float = 0.0):
         super().__init__()
         self.drafter = drafter
         self.kind = drafter.spec.kind
@@ -81,6 +81,7 @@ class DraftLoss(nn.Module):
         self.register_buffer("weights_K", weights_K.float(), persistent=False)
         self.alphas = (alpha_ce, alpha_tv, alpha_conf)
         self.vocab_chunk = vocab_chunk
+        self.keep_probs_mb = keep_probs_mb
 
     def forward(self, batch: Batch) -> tuple[Tensor, ...]:
         """LossParts as a plain tuple: ZeRO-3 hooks the backward of tuple outputs (re-gathering W2)."""
@@ -100,7 +101,7 @@ class DraftLoss(nn.Module):
         a_ce, a_tv, a_conf = self.alphas
         r = distill_losses(out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD, batch.labels_NK,
                            batch.valid_NK, w, out.lowrank_NKR, out.lowrank_weight_RV, out.conf_logit_NK,
-                           a_ce, a_tv, a_conf, self.vocab_chunk)
+                           a_ce, a_tv, a_conf, self.vocab_chunk, keep_probs_mb=self.keep_probs_mb)
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
 
@@ -151,12 +152,25 @@ def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int)
     # update is grad(sum of all weighted losses) / (sum of all weights).
     scale = len(batches) * world_size / global_w
     tally = Tally(weights_K.numel())
-    for batch in batches:
+    grad_norm = None
+    for i, batch in enumerate(batches):
         parts = LossParts(*engine(batch))
         engine.backward(parts.loss_sum * scale)
+        if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
+            grad_norm = local_grad_norm(engine.module)  # DeepSpeed reports no norm for fp32 without ZeRO
         engine.step()
         tally.add(parts, batch.valid_NK.numel())
-    return tally.reduce(device)
+    metrics = tally.reduce(device)
+    reported = engine.get_global_grad_norm()
+    metrics["grad_norm"] = float(reported) if reported is not None else grad_norm
+    return metrics
+
+
+def local_grad_norm(module: nn.Module) -> Optional[float]:
+    """L2 norm of the accumulated gradients before clipping (stage 0: every rank holds all of them,
+    already averaged by the all-reduce that ran in backward)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else None
 
 
 @torch.no_grad()

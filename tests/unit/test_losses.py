@@ -74,12 +74,16 @@ def trainable(x):
     return [t for t in x.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+KEEP = [0.0, 1.0]  # keep_probs_mb: recompute logits / keep the probabilities (fits in 1 MiB here)
+
+
+@pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("lowrank,conf,invalid", [(True, True, True), (False, False, True),
                                                   (True, False, False), (False, True, False)])
-def test_distill_matches_naive(chunk, lowrank, conf, invalid):
+def test_distill_matches_naive(chunk, lowrank, conf, invalid, keep):
     x = make_inputs(lowrank=lowrank, conf=conf, invalid=invalid)
-    out = distill_losses(**x, chunk_size=chunk)
+    out = distill_losses(**x, chunk_size=chunk, keep_probs_mb=keep)
     ref = naive_distill(**x)
     for got, want in zip([out.loss_sum, out.ce_sum, out.tv_sum, out.conf_sum, out.weight_sum,
                           out.accept_NK, out.correct_NK], ref):
@@ -93,11 +97,12 @@ def test_distill_matches_naive(chunk, lowrank, conf, invalid):
 
 @pytest.mark.parametrize("alphas", [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0),
                                     (0.0, 0.0, 0.0), (0.3, 0.7, 0.0)])
-def test_alpha_paths(alphas):
+@pytest.mark.parametrize("keep", KEEP)
+def test_alpha_paths(alphas, keep):
     """Each zero alpha drops its term from loss and gradient; metrics stay computed."""
     a = dict(zip(["alpha_ce", "alpha_tv", "alpha_conf"], alphas))
     x = make_inputs(seed=1)
-    out = distill_losses(**x, chunk_size=8, **a)
+    out = distill_losses(**x, chunk_size=8, keep_probs_mb=keep, **a)
     ref = naive_distill(**x, **a)
     torch.testing.assert_close(out.loss_sum.double(), ref[0])
     torch.testing.assert_close(out.tv_sum.double(), ref[2])  # logged even when alpha_tv = 0
@@ -109,14 +114,15 @@ def test_alpha_paths(alphas):
             torch.testing.assert_close(got, want)
 
 
-def test_gradcheck_tiny():
+@pytest.mark.parametrize("keep", KEEP)
+def test_gradcheck_tiny(keep):
     """Finite differences of CE + TV. (The confidence term is left out: its target c* is
     detached on purpose, so finite differences through c* would disagree by design.)"""
     x = make_inputs(seed=2, conf=False)
     names = ["hidden_NKD", "lowrank_NKR", "lowrank_weight_RV"]
 
     def f(*ts):
-        return distill_losses(**{**x, **dict(zip(names, ts))}, chunk_size=8).loss_sum
+        return distill_losses(**{**x, **dict(zip(names, ts))}, chunk_size=8, keep_probs_mb=keep).loss_sum
 
     assert torch.autograd.gradcheck(f, [x[n] for n in names])
 
@@ -132,6 +138,31 @@ def test_bf16_inputs_accumulate_in_fp32():
     torch.testing.assert_close(out.loss_sum.double(), ref[0], rtol=1e-5, atol=1e-5)
     (g,) = grads(out.loss_sum, [xb["hidden_NKD"]])
     assert g.dtype == torch.bfloat16
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+        return func(*args, **(kwargs or {}))
+
+
+def test_keep_mode_only_when_the_rows_fit():
+    """Keeping skips the logit recomputes (fewer matmuls) only when 2*M*V*8 bytes (float64) fit
+    in the budget; values and gradients are the same either way."""
+    x = make_inputs(seed=5, invalid=False, lowrank=False)  # M = 12 rows: 2*12*37*8 = 7104 bytes
+    counts, results = {}, {}
+    for name, mb in (("none", 0.0), ("small", 7000 / 2**20), ("fits", 7104 / 2**20)):
+        with CountMatmuls() as c:
+            out = distill_losses(**x, chunk_size=16, keep_probs_mb=mb)
+            g = grads(out.loss_sum, [x["hidden_NKD"]])[0]
+        counts[name], results[name] = c.n, (out.loss_sum, g)
+    assert counts["small"] == counts["none"] > counts["fits"]
+    for name in ("small", "fits"):
+        torch.testing.assert_close(results[name], results["none"])
 
 
 def test_no_full_vocab_tensor_is_created():
