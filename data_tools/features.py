@@ -51,7 +51,7 @@ from data_tools.tokenize import ChatSequence, load_sequences, template_hash
 
 STATE_FILE = "features_state.json"
 
-__all__ = ["SequenceFeatures", "FeatureSource", "open_feature_source", "extract_features", "OnlineSource",
+__all__ = ["SequenceFeatures", "FeatureSource", "open_feature_source", "open_feature_splits", "extract_features", "OnlineSource",
            "HybridSource", "SplitView", "split_indices", "HELDOUT_FALLBACK"]
 
 HELDOUT_FALLBACK = 0.05
@@ -231,6 +231,16 @@ def open_feature_source(input_path: str | Path, target, layer_ids: Sequence[int]
                         storage_dtype: str = "bf16", batch_tokens: int = 8192, shard_tokens: int = 262144,
                         verify: str = "lazy") -> FeatureSource:
     """The feature source the trainer reads (see the module docstring)."""
+    (view,) = open_feature_splits(input_path, target, layer_ids, mode, (split,), max_seq_len, cache_dir,
+                                  storage_dtype, batch_tokens, shard_tokens, verify)
+    return view
+
+
+def open_feature_splits(input_path: str | Path, target, layer_ids: Sequence[int], mode: str,
+                        splits: Sequence[str] = ("train", "heldout"), max_seq_len: int = 2048,
+                        cache_dir: str | Path | None = None, storage_dtype: str = "bf16", batch_tokens: int = 8192,
+                        shard_tokens: int = 262144, verify: str = "lazy") -> tuple[SplitView, ...]:
+    """One view per split over a single source (a hybrid source's splits share its cache_dir shards)."""
     if mode not in ("cache", "online", "hybrid"):
         raise ValueError(f"features.source={mode!r}; choose cache, online or hybrid")
     path = Path(input_path)
@@ -240,21 +250,21 @@ def open_feature_source(input_path: str | Path, target, layer_ids: Sequence[int]
             expect = {**target.identity(), "layer_ids": [int(i) for i in layer_ids]}
         source = CacheSource(FeatureCache(path, expect=expect, verify=verify),
                              target.device if target is not None else "cpu")
-        return SplitView(source, split_indices(source.splits, split))
-    if mode == "cache":
+    elif mode == "cache":
         raise FileNotFoundError(f"features.source=cache but {path} holds no {MANIFEST}: build the cache with "
                                 f"`deepspec data features input={path} output_dir=...` and pass that folder")
-    if target is None:
+    elif target is None:
         raise ValueError(f"features.source={mode} needs the resident target (got target=None)")
-    sequences, _, digest = load_sequences(path, target.tokenizer, max_seq_len)
-    if mode == "online":
-        source = OnlineSource(sequences, target, layer_ids, max_seq_len, batch_tokens)
     else:
-        if not cache_dir:
+        sequences, _, digest = load_sequences(path, target.tokenizer, max_seq_len)
+        if mode == "online":
+            source = OnlineSource(sequences, target, layer_ids, max_seq_len, batch_tokens)
+        elif not cache_dir:
             raise ValueError("features.source=hybrid needs features.cache_dir=PATH (where first-pass features go)")
-        source = HybridSource(sequences, target, layer_ids, max_seq_len, cache_dir, storage_dtype, digest,
-                              batch_tokens, shard_tokens)
-    return SplitView(source, split_indices(source.splits, split))
+        else:
+            source = HybridSource(sequences, target, layer_ids, max_seq_len, cache_dir, storage_dtype, digest,
+                                  batch_tokens, shard_tokens)
+    return tuple(SplitView(source, split_indices(source.splits, split)) for split in splits)
 
 
 def plan_shards(lengths: Sequence[int], shard_tokens: int) -> list[list[int]]:

@@ -37,35 +37,27 @@ def run(cfg: DictConfig) -> dict:
     env = init_distributed(cfg.target.device)
     from deepspec.targets import target_from_config
 
-    target = target_from_config(cfg, need_tokenizer=cfg.features.source != "cache")
+    target = target_from_config(cfg)  # with its tokenizer: a features cache's identity includes its hash
     layer_ids = resolve_spec(section(cfg, "drafter"), target.shapes).layer_ids
     train_source, heldout_source = open_sources(cfg, target, layer_ids)
     return train(cfg, target, train_source, heldout_source, env)
 
 
 def open_sources(cfg: DictConfig, target, layer_ids: list[int]):
-    """(train, held-out) feature sources for `cfg.input` (held-out is None when the input has no split)."""
+    """(train, held-out) feature sources for `cfg.input`: two views of one source, so a hybrid cache_dir
+    is written by one writer (held-out is None when the input has no held-out sequences)."""
     if not cfg.input:
         raise ValueError("input=PATH is required: a `deepspec data regenerate` output directory or a features cache")
-    from data_tools.features import open_feature_source
+    from data_tools.features import open_feature_splits
 
     cache_dir = cfg.features.cache_dir
     if cache_dir and cfg.features.source == "hybrid" and world_size() > 1:
         cache_dir = str(Path(cache_dir) / f"rank_{rank():05d}")  # ranks read different sequences: own shards
-
-    def open_split(split: str):
-        return open_feature_source(cfg.input, target, layer_ids, mode=cfg.features.source, split=split,
-                                   max_seq_len=cfg.data.max_seq_len, cache_dir=cache_dir,
-                                   storage_dtype=cfg.features.dtype, batch_tokens=cfg.features.batch_tokens,
-                                   shard_tokens=cfg.features.shard_tokens)
-
-    train_source = open_split("train")
-    try:
-        heldout = open_split("heldout")
-    except (FileNotFoundError, ValueError) as exc:
-        print0(f"[train] no held-out split in {cfg.input} ({exc}); simulated τ is measured on training sequences")
-        heldout = None
-    return train_source, heldout if heldout is not None and len(heldout) else None
+    train_source, heldout = open_feature_splits(
+        cfg.input, target, layer_ids, mode=cfg.features.source, splits=("train", "heldout"),
+        max_seq_len=cfg.data.max_seq_len, cache_dir=cache_dir, storage_dtype=cfg.features.dtype,
+        batch_tokens=cfg.features.batch_tokens, shard_tokens=cfg.features.shard_tokens)
+    return train_source, heldout if len(heldout) else None
 
 
 def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optional[DistEnv] = None) -> dict:
@@ -96,7 +88,7 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         apply_activation_checkpointing(drafter)
     weights_K = loss_weights(spec, cfg.loss.gamma_w)
     model = DraftLoss(drafter, target.lm_head_weight, weights_K, cfg.loss.alpha_ce, cfg.loss.alpha_tv,
-                      cfg.loss.alpha_conf, cfg.loss.vocab_chunk).to(env.device)
+                      cfg.loss.alpha_conf, cfg.loss.vocab_chunk, cfg.loss.keep_probs_mb).to(env.device)
 
     ds = cfg.deepspeed
     ds_config = deepspeed_json(ds.zero_stage, tr.micro_batch, grad_accum, env.world_size, tr.lr, tuple(tr.betas),
@@ -153,13 +145,16 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         last = train_step(engine, batches, weights_K, env.world_size)
         dt = time.perf_counter() - t0
         train_time, tokens, sequences = train_time + dt, tokens + last["anchor_tokens"], sequences + tr.global_batch
-        last.update(lr=engine.get_lr()[0], grad_norm=_float(engine.get_global_grad_norm()),
+        last.update(lr=engine.get_lr()[0],
                     tokens_per_s=last["anchor_tokens"] / dt, sequences_per_s=tr.global_batch / dt, epoch=epoch)
         state.step, state.epoch = step + 1, epoch
         done = state.step == total_steps
         logger.step(state.step, last, write=state.step % tr.log_every == 0 or done or state.step == 1)
         if tr.eval_every and state.step % tr.eval_every == 0 and not done:
             run_eval(state.step)
+        next_epoch = (state.step * tr.global_batch) // len(train_source)
+        if next_epoch != epoch or (tr.save_every and state.step % tr.save_every == 0) or done:
+            flush_features(train_source)  # hybrid: what was computed goes to disk before a save / next epoch
         if tr.save_every and state.step % tr.save_every == 0 and not done:
             ckpt.save_checkpoint(engine, drafter, cfg.output_dir, ckpt.step_name(state.step), state, fingerprint,
                                  tr.keep_last, env)
@@ -197,6 +192,13 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     print0("held-out acceptance by position: " + " ".join(f"{a:.3f}" for a in summary["per_position_acceptance"]))
     print0(f"checkpoint (draft=): {final_dir}")
     return summary
+
+
+def flush_features(source) -> None:
+    """Hybrid sources write computed features as a shard (a no-op for cache and online sources)."""
+    flush = getattr(source, "flush", None)
+    if flush is not None:
+        flush()
 
 
 def run_fingerprint(cfg: DictConfig, spec, target, bf16: bool) -> dict:
@@ -245,9 +247,3 @@ def apply_activation_checkpointing(drafter) -> None:
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         layer.forward = wrapped
-
-
-def _float(x) -> Optional[float]:
-    if x is None:
-        return None
-    return float(x.item() if hasattr(x, "item") else x)

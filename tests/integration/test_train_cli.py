@@ -59,6 +59,20 @@ def test_train_cli_writes_the_contract_summary_and_resumes(tmp_path):
     assert again["steps"] == 5 and again["resumed_from"].endswith("final")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 3, 5]  # the first, every log_every (5) and the last
+    assert all(r["grad_norm"] > 0 for r in rows if r["kind"] == "train")  # fp32 stage 0 too (DeepSpeed gives None)
+
+
+def test_train_reads_a_features_cache_built_by_data_features(tmp_path):
+    """`deepspec data features` output is a valid `input` for `deepspec train` (same target identity,
+    tokenizer hash included), in cache mode and in the default online mode alike."""
+    R, F = tmp_path / "R", tmp_path / "F"
+    _write_regenerated(R)
+    target = [a for a in _args(R, tmp_path / "x") if a.startswith(("target.", "+target."))]
+    assert main(["data", "features", "recipe=dspark_smollm2", f"input={R}", f"output_dir={F}", *target]) == 0
+    for mode in ("cache", "online"):
+        out = tmp_path / f"T_{mode}"
+        assert main(_args(F, out, "trainer.max_steps=1", f"features.source={mode}")) == 0
+        assert json.loads((out / "summary.json").read_text())["steps"] == 1
 
 
 def test_train_cli_explains_a_missing_input(tmp_path, capsys):

@@ -31,7 +31,8 @@ from data_tools.cache import (
     deepspec_bytes_per_token,
     encode,
 )
-from data_tools.features import OnlineSource, open_feature_source, split_indices, write_feature_cache
+from data_tools.features import (OnlineSource, open_feature_source, open_feature_splits, split_indices,
+                                  write_feature_cache)
 from data_tools.jsonl import write_jsonl_atomic
 from data_tools.tokenize import load_sequences, tokenize_chat
 
@@ -233,6 +234,26 @@ def test_hybrid_writes_first_pass_then_reads(target, built, tmp_path):
         assert torch.equal(a.taps_TMD, b.taps_TMD) and torch.equal(a.final_TD, b.final_TD)
     assert json.loads((tmp_path / "hyb" / "manifest.json").read_text())["complete"] is True
     assert len(FeatureCache(tmp_path / "hyb", verify="open")) == 10
+
+
+def test_hybrid_splits_share_one_cache(target, built, tmp_path):
+    """Train and held-out views of one hybrid source write one set of shards (no shard written twice),
+    and a reopened source reads both splits from it."""
+    root, reg, _ = built
+    kw = dict(mode="hybrid", max_seq_len=64, cache_dir=tmp_path / "hyb", storage_dtype="bf16")
+    train, held = open_feature_splits(reg, target, LAYERS, splits=("train", "heldout"), **kw)
+    first = held.get_batch([0]) + train.get_batch([0, 1])
+    train.flush()  # what the trainer does at an epoch end / before a checkpoint
+    manifest = json.loads((tmp_path / "hyb" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 1 and len(FeatureCache(tmp_path / "hyb", verify="open")) == 3
+    train2, held2 = open_feature_splits(reg, target, LAYERS, splits=("train", "heldout"), **kw)
+    target.forward, real = (lambda *a, **k: pytest.fail("cached sequences must not run the target")), target.forward
+    try:
+        second = held2.get_batch([0]) + train2.get_batch([0, 1])
+    finally:
+        target.forward = real
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a.taps_TMD, b.taps_TMD) and torch.equal(a.input_ids_T, b.input_ids_T)
 
 
 SLOW_SCRIPT = textwrap.dedent("""
