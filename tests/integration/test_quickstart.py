@@ -25,6 +25,7 @@ def test_reduced_quickstart_end_to_end(tmp_path, capsys):
     for stage in ("prompts", "regenerate", "train_dspark", "eval_dspark"):
         assert summary["stage_seconds"][stage] >= 0
         assert (out / stage / "summary.json").exists()
+    assert (out / "train_dspark" / "features" / "manifest.json").exists()  # hybrid features were cached
     assert "deepspec quickstart" in capsys.readouterr().out
 
     # a second run with the same settings reuses every finished stage
