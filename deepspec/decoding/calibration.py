@@ -220,11 +220,9 @@ def reliability_diagram_png(
     title: str = "Confidence calibration (prefix survival)",
 ) -> Path:
     """Write a PNG: pooled reliability curves before/after STS, and ECE per position."""
-    import matplotlib
+    from deepspec.runs import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     report = calibration_report(conf_logits_RK, outcome, temperatures_K, num_proposed_R, bins)
     K = conf_logits_RK.shape[1]
     target_RK = survival_targets(outcome, K)
@@ -252,12 +250,7 @@ def reliability_diagram_png(
     ax_pos.set(xlabel="draft position k", ylabel="ECE", title="ECE per position", xticks=positions)
     ax_pos.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def threshold_sweep(

@@ -66,11 +66,9 @@ def load_table(sps, concurrency: list[int], gamma: int, seed: int) -> dict[str, 
 
 def plot_load(path: Path, sps, sims: dict[str, list[dict]]) -> Path:
     """Three panels: SPS(B) profile, verification budget vs concurrency, throughput vs concurrency."""
-    import matplotlib
+    from deepspec.runs import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(14, 4))
     ax0.plot(sps.batch_tokens, sps.steps_per_s, marker="o")
     ax0.set(xscale="log", xlabel="batch tokens B", ylabel="target steps / s", title="SPS(B) (measured)")
@@ -86,12 +84,7 @@ def plot_load(path: Path, sps, sims: dict[str, list[dict]]) -> Path:
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deepspec.runs import pyplot, save_figure
+
 COLUMNS = [
     ("benchmark", "benchmark"), ("prompts", "prompts"), ("tau", "τ"), ("acceptance_rate", "accept rate"),
     ("drafts_verified_per_round", "drafts/round"), ("spec_tokens_per_s", "spec tok/s"),
@@ -65,18 +67,9 @@ def results_markdown(title: str, benchmarks: dict[str, dict], settings: dict,
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_acceptance(path: Path, benchmarks: dict[str, dict]) -> Path:
     """Per-position conditional acceptance, one line per benchmark."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, b in benchmarks.items():
         values = b.get("per_position_acceptance") or []
@@ -87,12 +80,12 @@ def plot_acceptance(path: Path, benchmarks: dict[str, dict]) -> Path:
            title="Acceptance by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def plot_tau(path: Path, benchmarks: dict[str, dict]) -> Path:
     """τ per benchmark, with the speedup written on each bar."""
-    plt = _plt()
+    plt = pyplot()
     names = list(benchmarks)
     taus = [benchmarks[n].get("tau") or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 4))
@@ -102,12 +95,12 @@ def plot_tau(path: Path, benchmarks: dict[str, dict]) -> Path:
         ax.annotate(f"{_fmt(s)}×" if s else "", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
     ax.set(ylabel="τ (tokens per round, bonus included)", title="Acceptance length τ (speedup on top)")
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def plot_time_breakdown(path: Path, benchmarks: dict[str, dict]) -> Path:
     """Stacked ms per round (draft / verify / other) beside the target-only ms per step."""
-    plt = _plt()
+    plt = pyplot()
     names = list(benchmarks)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(names) + 2), 4))
     bottom = [0.0] * len(names)
@@ -119,13 +112,4 @@ def plot_time_breakdown(path: Path, benchmarks: dict[str, dict]) -> Path:
                s=600, label="target-only step", zorder=3)
     ax.set(ylabel="ms", title="Time per speculative round")
     ax.legend(fontsize=8)
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
