@@ -38,7 +38,7 @@ from data_tools.features import extract_features  # noqa: E402
 from data_tools.sources import shared_data_dir  # noqa: E402
 from data_tools.tokenize import ChatSequence, tokenize_chat  # noqa: E402
 from deepspec.runs import format_table  # noqa: E402
-from deepspec.targets import load_target  # noqa: E402
+from _common import add_target_args, load_cpu_target  # noqa: E402  (benchmarks/_common.py)
 
 LAYERS = [1, 7, 14, 21, 27]  # DSpark defaults on a 30-layer target (m = 5)
 
@@ -60,15 +60,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sequences", type=int, default=16)
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--target", default="embedded:smollm2-135m-instruct")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (0 = torch default); on a CPU shared with other jobs, 1 avoids "
-                        "OpenMP spin-wait collapse (measured 20x slower at 2 threads under load)")
+    add_target_args(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
-    target = load_target(a.target, name=a.target, device="cpu")
+    target = load_cpu_target(a)
     seqs = sequences(target.tokenizer, a.sequences)
     tokens = sum(len(s.input_ids) for s in seqs)
     extract_features(target, LAYERS, seqs[:1], a.batch_tokens)  # warm-up

@@ -18,14 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from data_tools.hf_engine import HFEngine  # noqa: E402
 from data_tools.prompts import normalise_row  # noqa: E402
 from data_tools.regenerate import InputRow, SamplingSettings  # noqa: E402
 from data_tools.sources import shared_data_dir  # noqa: E402
 from deepspec.runs import format_table  # noqa: E402
-from deepspec.targets import load_target  # noqa: E402
+from _common import add_target_args, load_cpu_target  # noqa: E402  (benchmarks/_common.py)
 
 
 def gsm8k_rows(n: int) -> list[InputRow]:
@@ -50,15 +49,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--target", default="embedded:smollm2-135m-instruct")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (0 = torch default); on a CPU shared with other jobs, 1 avoids "
-                        "OpenMP spin-wait collapse (measured 20x slower at 2 threads under load)")
+    add_target_args(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
-    target = load_target(a.target, name=a.target, device="cpu")
+    target = load_cpu_target(a)
     settings = SamplingSettings(max_new_tokens=a.max_new_tokens)
     rows = gsm8k_rows(a.prompts)
     timed(HFEngine(target, SamplingSettings(max_new_tokens=4), batch_size=1), rows[:1])  # warm-up
