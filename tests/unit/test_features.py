@@ -31,17 +31,18 @@ from data_tools.cache import (
     deepspec_bytes_per_token,
     encode,
 )
-from data_tools.features import (OnlineSource, open_feature_source, open_feature_splits, split_indices,
-                                  write_feature_cache)
+from data_tools.features import (
+    OnlineSource,
+    open_feature_source,
+    open_feature_splits,
+    split_indices,
+    write_feature_cache,
+)
 from data_tools.jsonl import write_jsonl_atomic
 from data_tools.tokenize import load_sequences, tokenize_chat
+from tests.unit.chat_target import LOAD_TINY, load_chat_target
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 2048}
-LOAD_TINY = ("from deepspec.targets import load_target\n"
-             f"target = load_target(source='random:llama', name='tiny', random_config={TINY!r}, "
-             "tokenizer='embedded:smollm2-135m-instruct', device='cpu')\n")
 LAYERS = [0, 2]
 
 QWEN3_LIKE = (
@@ -66,9 +67,7 @@ QWEN3_LIKE = (
 
 @pytest.fixture(scope="module")
 def target():
-    scope: dict = {}
-    exec(LOAD_TINY, scope)
-    return scope["target"]
+    return load_chat_target()
 
 
 def conv(i: int) -> list[dict]:

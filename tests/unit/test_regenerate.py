@@ -34,20 +34,14 @@ from data_tools.regenerate import (
     read_input_rows,
     run_regeneration,
 )
+from tests.unit.chat_target import LOAD_TINY, load_chat_target
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 2048}
-LOAD_TINY = ("from deepspec.targets import load_target\n"
-             f"target = load_target(source='random:llama', name='tiny', random_config={TINY!r}, "
-             "tokenizer='embedded:smollm2-135m-instruct', device='cpu')\n")
 
 
 @pytest.fixture(scope="module")
 def target():
-    scope: dict = {}
-    exec(LOAD_TINY, scope)
-    return scope["target"]
+    return load_chat_target()
 
 
 def rows_of(path: Path) -> list[dict]:
