@@ -301,6 +301,19 @@ def _split_overrides(overrides: list[str]) -> tuple[Optional[str], list[str]]:
     return recipe, rest
 
 
+def asset_path(name: str) -> str:
+    """`${asset:NAME}` in a recipe: a file shipped in data_tools/assets (found wherever the package is)."""
+    import data_tools
+
+    path = Path(data_tools.__file__).resolve().parent / "assets" / name
+    if not path.exists():
+        raise ConfigError(f"${{asset:{name}}}: no such file in {path.parent}")
+    return str(path)
+
+
+OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+
+
 def compose(overrides: list[str], default_recipe: Optional[str] = None) -> DictConfig:
     """Compose `recipe=NAME key=value ...` into a validated, resolved config.
 

@@ -19,8 +19,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MOD
        "DS_ACCELERATOR": "cpu"}
 
 
-def deepspec(*args: str, timeout: int = 900) -> None:
-    proc = subprocess.run([sys.executable, "-m", "deepspec", *args], cwd=ROOT, env=ENV, capture_output=True,
+def deepspec(*args: str, timeout: int = 900, cwd: Path = ROOT) -> None:
+    proc = subprocess.run([sys.executable, "-m", "deepspec", *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -31,7 +31,7 @@ def test_tiny_v4_trains_exports_and_reimports(tmp_path):
     from deepspec.export.v4 import import_v4
 
     run, vx = tmp_path / "v4", tmp_path / "vx"
-    deepspec("train", "recipe=dspark_v4_tiny", "trainer.max_steps=3", f"output_dir={run}")
+    deepspec("train", "recipe=dspark_v4_tiny", "trainer.max_steps=3", f"output_dir={run}", cwd=tmp_path)  # any cwd
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["final_loss"] < 100
     deepspec("export", "recipe=dspark_v4_tiny", f"draft={run}", "format=v4", "export.dtype=float32",
