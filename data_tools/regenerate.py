@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from data_tools.cache import file_sha256
 from data_tools.jsonl import atomic_write_text, iter_jsonl, write_jsonl_atomic
 from data_tools.prompts import normalise_row
 
@@ -131,7 +132,7 @@ def read_input_rows(input_path: str | Path, max_rows: int | None = None) -> tupl
     digest = hashlib.sha256()
     rows: list[InputRow] = []
     for file, split in files:
-        digest.update(_file_sha256(file).encode())
+        digest.update(file_sha256(file).encode())
         for line_no, obj in iter_jsonl(file, on_error="yield"):
             if max_rows is not None and len(rows) >= max_rows:
                 break
@@ -158,14 +159,6 @@ def _input_row(index: int, obj: Any, split: str | None, file: Path, line_no: int
     skip = None if any(m["role"] == "user" for m in prompt) else "no_user_turn"
     return InputRow(index, row["id"], split, str(row.get("source", file.stem)), prompt,
                     dict(row.get("meta") or {}), skip)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Journal:
