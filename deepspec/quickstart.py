@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,8 @@ def _fingerprint(payload: dict) -> str:
 
 def _run_stage(name: str, stage_dir: Path, overrides: list[str], upstream: list[str],
                func: Callable[[DictConfig], dict], recipe: str) -> tuple[dict, str, float, bool]:
-    """Run one stage unless a finished stage with the same fingerprint is already there."""
+    """Run one stage unless a finished stage with the same fingerprint is already there; an unfinished one
+    with the same fingerprint resumes, a stage written with another fingerprint is removed first."""
     fp = _fingerprint({"stage": name, "recipe": recipe, "overrides": overrides, "upstream": upstream})
     marker = stage_dir / "stage.json"
     if marker.exists():
@@ -42,6 +44,9 @@ def _run_stage(name: str, stage_dir: Path, overrides: list[str], upstream: list[
         if done.get("fingerprint") == fp and done.get("finished") and (stage_dir / "summary.json").exists():
             print0(f"[quickstart] {name}: reusing {stage_dir} (finished, same inputs)")
             return read_summary(stage_dir), fp, float(done.get("seconds", 0.0)), True
+        if done.get("fingerprint") != fp:  # checkpoints and feature caches of other inputs must not be reused
+            print0(f"[quickstart] {name}: inputs or settings changed since {stage_dir} was written; starting afresh")
+            shutil.rmtree(stage_dir)
     cfg = compose([f"recipe={recipe}", f"output_dir={stage_dir}", *overrides])
     prepare_output_dir(cfg)
     atomic_write(marker, json.dumps({"fingerprint": fp, "finished": False}))
