@@ -51,8 +51,8 @@ from data_tools.tokenize import ChatSequence, load_sequences, template_hash
 
 STATE_FILE = "features_state.json"
 
-__all__ = ["SequenceFeatures", "FeatureSource", "open_feature_source", "open_feature_splits", "extract_features", "OnlineSource",
-           "HybridSource", "SplitView", "split_indices", "HELDOUT_FALLBACK"]
+__all__ = ["SequenceFeatures", "FeatureSource", "open_feature_source", "open_feature_splits", "extract_features",
+           "OnlineSource", "HybridSource", "SplitView", "split_indices", "HELDOUT_FALLBACK"]
 
 HELDOUT_FALLBACK = 0.05
 
@@ -238,8 +238,9 @@ def open_feature_source(input_path: str | Path, target, layer_ids: Sequence[int]
 
 def open_feature_splits(input_path: str | Path, target, layer_ids: Sequence[int], mode: str,
                         splits: Sequence[str] = ("train", "heldout"), max_seq_len: int = 2048,
-                        cache_dir: str | Path | None = None, storage_dtype: str = "bf16", batch_tokens: int = 8192,
-                        shard_tokens: int = 262144, verify: str = "lazy") -> tuple[SplitView, ...]:
+                        cache_dir: str | Path | None = None, storage_dtype: str = "bf16",
+                        batch_tokens: int = 8192, shard_tokens: int = 262144,
+                        verify: str = "lazy") -> tuple[SplitView, ...]:
     """One view per split over a single source (a hybrid source's splits share its cache_dir shards)."""
     if mode not in ("cache", "online", "hybrid"):
         raise ValueError(f"features.source={mode!r}; choose cache, online or hybrid")

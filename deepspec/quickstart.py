@@ -45,7 +45,8 @@ def _run_stage(name: str, stage_dir: Path, overrides: list[str], upstream: list[
             print0(f"[quickstart] {name}: reusing {stage_dir} (finished, same inputs)")
             return read_summary(stage_dir), fp, float(done.get("seconds", 0.0)), True
         if done.get("fingerprint") != fp:  # checkpoints and feature caches of other inputs must not be reused
-            print0(f"[quickstart] {name}: inputs or settings changed since {stage_dir} was written; starting afresh")
+            print0(f"[quickstart] {name}: inputs or settings changed since {stage_dir} was written; "
+                   "starting afresh")
             shutil.rmtree(stage_dir)
     cfg = compose([f"recipe={recipe}", f"output_dir={stage_dir}", *overrides])
     prepare_output_dir(cfg)
