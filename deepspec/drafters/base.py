@@ -39,11 +39,12 @@ class Proposal:
     """Draft tokens for a batch of requests (target vocabulary ids).
 
     draft_probs_BKV: float32 full-vocabulary distributions the tokens were drawn from (the
-    verifier needs them to sample); conf_BK: sigmoid confidences or None.
+    verifier needs them to sample), or None when not asked for (`with_probs=False`: greedy
+    decoding never reads them); conf_BK: sigmoid confidences or None.
     """
 
     tokens_BK: Tensor
-    draft_probs_BKV: Tensor
+    draft_probs_BKV: Optional[Tensor]
     conf_BK: Optional[Tensor] = None
 
 
@@ -90,11 +91,16 @@ class SharedTargetMixin:
 
 
 def draw(logits_BV: Tensor, greedy: bool, temperature: float, generator: Optional[torch.Generator],
-         forced_B: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+         forced_B: Optional[Tensor] = None, with_probs: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """(tokens_B, probs_BV float32): argmax when greedy, else a sample at `temperature`.
 
     `forced_B` overrides the drawn tokens (teacher forcing at inference; tests, scoring).
+    Greedy with `with_probs=False` takes the argmax alone: no softmax over the vocabulary
+    (probs is None).
     """
+    if greedy and not with_probs:
+        tokens = logits_BV.argmax(-1)
+        return (tokens if forced_B is None else forced_B.to(tokens.device)), None
     logits = logits_BV.float()
     if greedy:
         probs = logits.softmax(-1)
