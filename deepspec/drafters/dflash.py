@@ -115,7 +115,7 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
         hidden = self.block_hidden(state, anchor_tokens_B, anchor_pos_B)
         B = hidden.shape[0]
         K = self._drafted(num_drafts, hidden.shape[1])
-        logits = self.target_logits(hidden[:, :K])
+        logits = self.target_logits(hidden[:, :K].contiguous())  # strided bf16 matmuls are ~100x slower on CPU
         tokens, probs = draw(logits.flatten(0, 1), greedy, temperature, generator,
                              None if forced_tokens_BK is None else forced_tokens_BK[:, :K].flatten(), with_probs)
         return Proposal(tokens_BK=tokens.view(B, K), draft_probs_BKV=None if probs is None else probs.view(B, K, -1))

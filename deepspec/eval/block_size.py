@@ -15,7 +15,6 @@ drafter's full block on held-apart prompts), the costs from timing the real forw
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -75,25 +74,22 @@ def choose_block_size(acceptance: list[float | None], draft_steps: dict[int, flo
     return BlockSizeChoice(block_size=best["gamma"], acceptance=acc, rows=rows, source=source)
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _elapsed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def measure_round_costs(target, drafter, prompts: list[list[int]], gammas: list[int],
-                        repeats: int = 3) -> tuple[dict[int, float], dict[int, float]]:
+                        repeats: int = 5) -> tuple[dict[int, float], dict[int, float]]:
     """(draft_steps, verify_steps) per gamma for a batch of `prompts`, in target-only decode steps.
 
     Times the very calls a round makes: the drafter's propose of gamma drafts, and the target's
     pass over gamma + 1 tokens with its taps, LM head and KV rollback; one decode step is the
     target-only session's step + LM head. (Extending the drafter's state, a few hundredths of a
-    step, is left out.)
+    step, is left out.) Every call is timed `repeats` times, interleaved, and the fastest time
+    kept: on a machine shared with other jobs it is the least disturbed one.
     """
     from deepspec.decoding.target_runner import TargetSession
 
@@ -102,12 +98,6 @@ def measure_round_costs(target, drafter, prompts: list[list[int]], gammas: list[
     plain = TargetSession(target)
     plain.prefill(prompts)
     token_B1 = torch.tensor([[p[-1]] for p in prompts], device=device)
-
-    def decode_step():
-        plain.logits(plain.step(token_B1).final_BTD[:, 0]).argmax(-1)
-        plain.commit(torch.zeros(B, dtype=torch.long))
-
-    step_s = _median_time(decode_step, repeats)
     session = TargetSession(target, drafter.spec.layer_ids)
     out = session.prefill(prompts)
     len_B = torch.tensor([len(p) for p in prompts], device=device)
@@ -118,21 +108,32 @@ def measure_round_costs(target, drafter, prompts: list[list[int]], gammas: list[
     state.extend(out.taps_BTMD, len_B, tokens_BT=ids_BT)
     anchor_B = token_B1[:, 0]
     kw = "num_tokens" if drafter.spec.kind == "eagle3" else "num_drafts"
-    draft_steps, verify_steps = {}, {}
-    for g in gammas:
-        block_BT = token_B1.expand(B, g + 1)
+    none_kept = torch.zeros(B, dtype=torch.long, device=device)
 
-        def draft():
-            drafter.propose(state, anchor_B, len_B, greedy=True, with_probs=False, **{kw: g})
+    def decode_step():
+        plain.logits(plain.step(token_B1).final_BTD[:, 0]).argmax(-1)
+        plain.commit(none_kept)
 
-        def verify():
-            step = session.step(block_BT)
-            session.logits(step.final_BTD).argmax(-1)
-            session.commit(torch.zeros(B, dtype=torch.long))
+    def draft(g: int):
+        drafter.propose(state, anchor_B, len_B, greedy=True, with_probs=False, **{kw: g})
 
-        draft_steps[g] = _median_time(draft, repeats) / step_s
-        verify_steps[g] = _median_time(verify, repeats) / step_s
-    return draft_steps, verify_steps
+    def verify(g: int):
+        step = session.step(token_B1.expand(B, g + 1))
+        session.logits(step.final_BTD).argmax(-1)
+        session.commit(none_kept)
+
+    step_s, draft_s, verify_s = [], {g: [] for g in gammas}, {g: [] for g in gammas}
+    for r in range(repeats + 1):  # the first pass warms up and is not kept
+        times = [_elapsed(decode_step)]
+        for g in gammas:
+            times += [_elapsed(lambda: draft(g)), _elapsed(lambda: verify(g))]
+        if r:
+            step_s.append(times[0])
+            for i, g in enumerate(gammas):
+                draft_s[g].append(times[1 + 2 * i])
+                verify_s[g].append(times[2 + 2 * i])
+    step = min(step_s)
+    return ({g: min(draft_s[g]) / step for g in gammas}, {g: min(verify_s[g]) / step for g in gammas})
 
 
 def calibrate_block_size(target, drafter, benchmark: str, skip_prompts: int, num_prompts: int, settings,
