@@ -170,6 +170,20 @@ def test_old_fp8_cache_with_an_fp8_final_still_reads(caches, tmp_path):
     assert ((got - want).abs() <= want.abs().amax(-1, keepdim=True) * 0.07).all()  # fp8 precision
 
 
+def test_resuming_an_fp8_extraction_from_before_the_rule_is_refused_with_the_reason(caches, target, tmp_path):
+    import shutil
+
+    root, _ = caches
+    shutil.copytree(root / "fp8", tmp_path / "old")
+    for name in ("manifest.json", "features_state.json"):  # as the older code wrote them
+        doc = json.loads((tmp_path / "old" / name).read_text())
+        del doc["fingerprint"]["identity"]["final_dtype"]
+        (tmp_path / "old" / name).write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="written before fp8 caches kept the final hidden state at bf16"):
+        write_feature_cache(root / "reg", target, LAYERS, tmp_path / "old", storage_dtype="fp8", max_seq_len=64,
+                            shard_tokens=100, progress=False)
+
+
 def test_data_estimate_reflects_the_16_bit_final(capsys):
     from data_tools.commands import estimate
 
