@@ -180,8 +180,8 @@ def test_resuming_an_fp8_extraction_from_before_the_rule_is_refused_with_the_rea
         del doc["fingerprint"]["identity"]["final_dtype"]
         (tmp_path / "old" / name).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="written before fp8 caches kept the final hidden state at bf16"):
-        write_feature_cache(root / "reg", target, LAYERS, tmp_path / "old", storage_dtype="fp8", max_seq_len=64,
-                            shard_tokens=100, progress=False)
+        write_feature_cache(root / "reg", target, LAYERS, tmp_path / "old", storage_dtype="fp8",
+                            max_seq_len=64, shard_tokens=100, progress=False)
 
 
 def test_data_estimate_reflects_the_16_bit_final(capsys):
