@@ -80,8 +80,9 @@ def features(cfg) -> dict[str, Any]:
     summary = write_feature_cache(_input(cfg), target, _layer_ids(cfg, target.shapes), cfg.output_dir,
                                   storage_dtype=f.dtype, max_seq_len=cfg.data.max_seq_len,
                                   shard_tokens=f.shard_tokens, batch_tokens=f.batch_tokens)
-    print0(format_table([{k: summary[k] for k in ("sequences", "tokens", "loss_tokens", "shards", "storage_dtype",
-                                                  "bytes_per_token", "total_bytes", "tokens_per_s")}]))
+    shown = ("sequences", "tokens", "loss_tokens", "shards", "storage_dtype", "final_dtype",
+             "bytes_per_token", "total_bytes", "tokens_per_s")
+    print0(format_table([{k: summary[k] for k in shown}]))
     return summary
 
 
