@@ -350,7 +350,7 @@ def distill_losses(
             f"positions; they must lie in [0, {V}) (mark padding with valid_NK=False)."
         )
     acc = _acc_dtype(hidden_NKD.dtype)
-    w_M = weights_K.to(hidden_NKD.device, acc).expand(N, K).reshape(-1)[idx_M]  # [K] or [N, K]
+    w_M = weights_K.to(hidden_NKD.device, acc).expand(N, K).reshape(-1)[idx_M]
     low_MR = None if lowrank_NKR is None else lowrank_NKR.reshape(N * K, -1)[idx_M]
     ce_M, tv_M, argmax_M = _ChunkedCETV.apply(
         hidden_NKD.reshape(N * K, D)[idx_M], lm_weight_VD,
@@ -418,7 +418,6 @@ def eagle3_row_weights(valid_NK: Tensor, weights_K: Tensor, seq_len: int, per_se
         return valid * w_K
     v_BTK = valid.view(N // seq_len, seq_len, K)
     return (v_BTK / v_BTK.sum(1, keepdim=True).clamp_min(1.0) * w_K).view(N, K)
-
 
 
 class _ChunkedSoftCE(torch.autograd.Function):

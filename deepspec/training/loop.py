@@ -103,7 +103,6 @@ class DraftLoss(nn.Module):
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
 
-
     def row_weights(self, batch: Batch) -> Tensor:
         """Loss weight of each (row, position) of `batch` [N, K]; zero where unsupervised."""
         if self.kind == "eagle3":

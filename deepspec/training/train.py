@@ -223,7 +223,7 @@ def run_fingerprint(cfg: DictConfig, spec, target, bf16: bool) -> dict:
 
 def set_eagle3_vocab(drafter, source, vocab_size: int, n_keep: int, heldout=None) -> dict:
     """Eagle3 pruned vocabulary: the `n_keep` tokens most frequent over every supervised token of the
-    training source, read from token ids (no target forward). Returns the counts and coverages."""
+    training source, read from token ids (no target forward). Returns the token count and coverages."""
     from deepspec.drafters.eagle3 import build_vocab_map, count_supervised_tokens, vocab_coverage
 
     t0 = time.perf_counter()
