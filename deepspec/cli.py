@@ -111,8 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print((_resolve(target).__doc__ or "").strip())
         return 0
 
-    from deepspec.config import ConfigError, compose, to_yaml
-    from deepspec.runs import prepare_output_dir, write_summary
+    from deepspec.config import ConfigError, compose
+    from deepspec.guards import redacted_yaml
 
     try:
         cfg = compose(overrides, default_recipe=default_recipe)
@@ -120,22 +120,65 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"deepspec {cmd}: config error: {exc}", file=sys.stderr)
         return 2
     if print_cfg:
-        print(to_yaml(cfg))
+        print(redacted_yaml(cfg))
         return 0
-    func = _resolve(target)
-    prepare_output_dir(cfg)
+    name = f"{cmd} {sub}" if sub else cmd
     try:
-        summary = func(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        return _run(name, _resolve(target), cfg)
+    except (ValueError, OSError, RuntimeError) as exc:
         if os.environ.get("DEEPSPEC_TRACEBACK"):
             raise
-        print(f"deepspec {cmd}: error: {exc}", file=sys.stderr)
+        from deepspec.runs import os_error_message
+
+        text = os_error_message(exc) if isinstance(exc, OSError) and exc.errno is not None else str(exc)
+        print(f"deepspec {name}: error: {text}", file=sys.stderr)
         print("(set DEEPSPEC_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 1
-    if summary is not None:
-        write_summary(cfg.output_dir, summary)
+
+
+def _run(name: str, func: Callable, cfg) -> int:
+    """Checks that need no model, the output directory's lock, the command, its summary.
+
+    config.yaml is written when the command reports that its run started (`runs.run_started`), or
+    at the end of a command that does not: a command refused by its checks leaves it untouched.
+    """
+    from deepspec import guards
+    from deepspec.runs import check_output_dir, defer_config, is_rank0, run_started, write_summary
+
+    guards.accept_changed_weights(cfg.target.accept_changed_weights)
+    check_output_dir(cfg.output_dir)
+    lock = guards.OutputLock(cfg.output_dir, f"deepspec {name}") if is_rank0() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        _preflight(name, cfg)
+        defer_config(cfg)
+        summary = func(cfg)
+        run_started()
+        if summary is not None:
+            write_summary(cfg.output_dir, summary)
+    finally:
+        defer_config(None)
+        if lock is not None:
+            lock.release()
     return 0
 
+
+def _preflight(name: str, cfg) -> None:
+    """Run-directory and input checks of each command (no model loaded yet)."""
+    from deepspec import runs
+
+    if name in ("train", "data features", "data regenerate"):
+        runs.check_stage_input(name, cfg.input)
+    if name == "train":
+        runs.check_train_output(cfg.output_dir, cfg.resume, cfg.overwrite)
+    elif name == "export":
+        draft_dir = None
+        if cfg.format != "hf-target":
+            from deepspec.export.drafter import resolve_draft_dir
+
+            draft_dir = resolve_draft_dir(cfg.draft)
+        runs.check_export_output(cfg.output_dir, draft_dir, cfg.overwrite)
 
 if __name__ == "__main__":
     raise SystemExit(main())
