@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 LOCK_FILE = ".deepspec.lock"
 SECRET_SUFFIXES = ("api_key", "token", "secret", "password")
-REDACTED = "<redacted: read from the environment at run time>"
+REDACTED = "<redacted>"
 SAMPLES_PER_TENSOR = 4096
 
 # Set once per command from `target.accept_changed_weights`: accept a cache, journal or drafter

@@ -35,7 +35,8 @@ import torch
 
 from deepspec.drafters.io import save_drafter
 from deepspec.runs import atomic_write
-from deepspec.training.distributed import DistEnv, barrier, full_parameters, load_engine_checkpoint
+from deepspec.training.distributed import (DistEnv, barrier, full_parameters, load_engine_checkpoint,
+                                           refusal_reason)
 
 STATE_FILE = "training_state.json"
 
@@ -92,7 +93,7 @@ def load_rng_file(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path} holds Python objects deepspec never writes there (only tensors and numbers), "
                          f"and was not loaded because unpickling them could run code "
-                         f"({str(exc).splitlines()[0]}); resume only from checkpoints you or this deepspec "
+                         f"({refusal_reason(exc)}); resume only from checkpoints you or this deepspec "
                          f"version wrote, or start afresh (resume=none)") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"{path} cannot be read ({str(exc).splitlines()[0]}): the file is truncated or "

@@ -205,6 +205,13 @@ def _deepspeed_value_types() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def refusal_reason(exc: Exception) -> str:
+    """The line of a weights-only unpickling error that names the refused object."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0].split(". Please")[0]
+
+
 def load_engine_checkpoint(engine, path, tag: str = "engine") -> None:
     """`engine.load_checkpoint` (weights, optimizer, scheduler) with every `torch.load` inside it
     forced to weights_only=True: a checkpoint from another source cannot run code on load."""
@@ -224,7 +231,7 @@ def load_engine_checkpoint(engine, path, tag: str = "engine") -> None:
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path}/{tag}: refused to load the DeepSpeed state: it holds objects other than "
                          f"tensors and DeepSpeed's own values, and unpickling them could run code "
-                         f"({str(exc).splitlines()[0]}); resume only from checkpoints you wrote") from None
+                         f"({refusal_reason(exc)}); resume only from checkpoints you wrote") from None
     except (RuntimeError, EOFError) as exc:
         raise ValueError(f"{path}/{tag}: the DeepSpeed state cannot be read ({str(exc).splitlines()[0]}): "
                          f"truncated or damaged; resume from another checkpoint") from None
