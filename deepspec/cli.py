@@ -3,8 +3,8 @@
     deepspec <command> [subcommand] recipe=NAME key=value ... [--cfg job]
 
 Each command is a function `run(cfg) -> summary dict` in its own module, callable from
-tests; this file composes the config, makes the output directory, calls it and writes
-`summary.json`.
+tests; this file composes the config and hands it to `deepspec.runs.run_command` (checks,
+output-directory lock, the call, `summary.json`).
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from deepspec.config import ConfigError, compose
     from deepspec.guards import redacted_yaml
+    from deepspec.runs import run_command
 
     try:
         cfg = compose(overrides, default_recipe=default_recipe)
@@ -124,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     name = f"{cmd} {sub}" if sub else cmd
     try:
-        return _run(name, _resolve(target), cfg)
+        return run_command(name, _resolve(target), cfg)
     except (ValueError, OSError, RuntimeError) as exc:
         if os.environ.get("DEEPSPEC_TRACEBACK"):
             raise
@@ -135,50 +136,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("(set DEEPSPEC_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 1
 
-
-def _run(name: str, func: Callable, cfg) -> int:
-    """Checks that need no model, the output directory's lock, the command, its summary.
-
-    config.yaml is written when the command reports that its run started (`runs.run_started`), or
-    at the end of a command that does not: a command refused by its checks leaves it untouched.
-    """
-    from deepspec import guards
-    from deepspec.runs import check_output_dir, defer_config, is_rank0, run_started, write_summary
-
-    guards.accept_changed_weights(cfg.target.accept_changed_weights)
-    check_output_dir(cfg.output_dir)
-    lock = guards.OutputLock(cfg.output_dir, f"deepspec {name}") if is_rank0() else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        _preflight(name, cfg)
-        defer_config(cfg)
-        summary = func(cfg)
-        run_started()
-        if summary is not None:
-            write_summary(cfg.output_dir, summary)
-    finally:
-        defer_config(None)
-        if lock is not None:
-            lock.release()
-    return 0
-
-
-def _preflight(name: str, cfg) -> None:
-    """Run-directory and input checks of each command (no model loaded yet)."""
-    from deepspec import runs
-
-    if name in ("train", "data features", "data regenerate"):
-        runs.check_stage_input(name, cfg.input)
-    if name == "train":
-        runs.check_train_output(cfg.output_dir, cfg.resume, cfg.overwrite)
-    elif name == "export":
-        draft_dir = None
-        if cfg.format != "hf-target":
-            from deepspec.export.drafter import resolve_draft_dir
-
-            draft_dir = resolve_draft_dir(cfg.draft)
-        runs.check_export_output(cfg.output_dir, draft_dir, cfg.overwrite)
 
 if __name__ == "__main__":
     raise SystemExit(main())

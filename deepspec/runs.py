@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig
 
@@ -260,3 +260,48 @@ def check_stage_input(command: str, input_path: str | None) -> None:
         what = "feature cache" if has["manifest.json"] else "regenerate output"
         raise ValueError(f"input={path} is a {what}, not prompts: regenerate reads a `deepspec data prompts` "
                          f"folder (train.jsonl) or a JSONL file of chat rows")
+
+
+# -- running a command ---------------------------------------------------------------------
+
+def run_command(name: str, func: Callable[[DictConfig], Any], cfg: DictConfig) -> int:
+    """Run command `name` (e.g. "data regenerate"): the checks that need no model, the output
+    directory's lock, the command itself and its summary.json; returns the exit status (0).
+
+    config.yaml is written when the command reports that its run started (`runs.run_started`), or
+    at the end of a command that does not: a command refused by its checks leaves it untouched.
+    """
+    from deepspec import guards
+
+    guards.accept_changed_weights(cfg.target.accept_changed_weights)
+    check_output_dir(cfg.output_dir)
+    lock = guards.OutputLock(cfg.output_dir, f"deepspec {name}") if is_rank0() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        preflight(name, cfg)
+        defer_config(cfg)
+        summary = func(cfg)
+        run_started()
+        if summary is not None:
+            write_summary(cfg.output_dir, summary)
+    finally:
+        defer_config(None)
+        if lock is not None:
+            lock.release()
+    return 0
+
+
+def preflight(name: str, cfg: DictConfig) -> None:
+    """Run-directory and input checks of each command (no model loaded yet)."""
+    if name in ("train", "data features", "data regenerate"):
+        check_stage_input(name, cfg.input)
+    if name == "train":
+        check_train_output(cfg.output_dir, cfg.resume, cfg.overwrite)
+    elif name == "export":
+        draft_dir = None
+        if cfg.format != "hf-target":
+            from deepspec.export.drafter import resolve_draft_dir
+
+            draft_dir = resolve_draft_dir(cfg.draft)
+        check_export_output(cfg.output_dir, draft_dir, cfg.overwrite)
