@@ -9,7 +9,6 @@ import socket
 
 from data_tools.regenerate import JOURNAL_FILE, OUTPUT_FILE
 from deepspec.cli import main
-from deepspec.guards import OutputLock
 from tests.reliability.test_secrets import KeyServer
 
 
@@ -62,6 +61,8 @@ def test_retry_failed_false_keeps_failed_rows_final(tmp_path):
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
+    from deepspec.guards import OutputLock
+
     inp, out = _prompts(tmp_path / "in.jsonl"), tmp_path / "out"
     server = KeyServer()
     try:

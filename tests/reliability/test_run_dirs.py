@@ -10,8 +10,6 @@ import os
 import pytest
 
 from deepspec.cli import main
-from deepspec.runs import check_train_output, clear_folder
-from deepspec.training.checkpoint import clear_run
 from tests.reliability.conftest import train_args, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -39,6 +37,9 @@ def test_a_command_refused_by_its_checks_keeps_the_runs_config(trained_run, caps
 
 
 def test_overwrite_and_resume_contradict_and_overwrite_clears_the_old_run(run_copy):
+    from deepspec.runs import check_train_output
+    from deepspec.training.checkpoint import clear_run
+
     _, T = run_copy
     with pytest.raises(ValueError, match="contradict"):
         check_train_output(T, "auto", overwrite=True)
@@ -99,6 +100,7 @@ def test_output_dir_that_is_a_file_or_read_only_gets_a_message(trained_run, tmp_
 
 def test_clear_folder_keeps_the_lock(tmp_path):
     from deepspec.guards import LOCK_FILE, OutputLock
+    from deepspec.runs import clear_folder
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b.txt").write_text("x")

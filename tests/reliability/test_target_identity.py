@@ -12,8 +12,7 @@ import torch
 from data_tools.features import open_feature_splits, write_feature_cache
 from data_tools.hf_engine import HFEngine
 from data_tools.regenerate import SamplingSettings, run_regeneration
-from deepspec import guards
-from deepspec.drafters.io import check_target, save_drafter
+from deepspec.drafters.io import save_drafter
 from tests.unit.chat_target import TINY
 
 
@@ -31,6 +30,8 @@ def targets():
 
 @pytest.fixture
 def accept():
+    from deepspec import guards
+
     yield guards.accept_changed_weights
     guards.accept_changed_weights(False)
 
@@ -45,6 +46,8 @@ def _conversations(path):
 
 
 def test_fingerprint_follows_the_weights_not_the_name_or_dtype(targets):
+    from deepspec import guards
+
     a, b = targets
     assert a.identity()["weights"] != b.identity()["weights"]
     assert a.identity()["weights"] == _target(0).identity()["weights"]
@@ -81,6 +84,7 @@ def test_a_regeneration_journal_of_other_weights_is_refused(targets, tmp_path, a
 
 def test_a_drafter_of_another_target_with_the_same_shapes_is_refused(targets, tmp_path, accept):
     from deepspec.drafters import build_drafter, resolve_spec
+    from deepspec.drafters.io import check_target
     from deepspec.drafters.spec import DrafterSpec
     from deepspec.training.checkpoint import load_weights
 
