@@ -150,12 +150,15 @@ def weights_mismatch(what: str, recorded: dict[str, Any], current: dict[str, Any
     old, new = recorded.get("weights"), current.get("weights")
     if old == new or _accept_changed_weights:
         return None
+    made = f"{what} was made for target {recorded.get('name')!r}"
+    if recorded.get("source"):
+        made += f" loaded from {recorded['source']}"
+    now = f"the target now loaded has weights {new}" + (f" (from {current['source']})" if current.get("source")
+                                                        else "")
     if old is None:
-        detail = "it records no weights fingerprint (written by an older deepspec)"
+        detail = (f"but records no weights fingerprint (written by an older deepspec), so it cannot be shown to "
+                  f"belong to this target: {now}")
     else:
-        detail = f"it was made with weights {old}, the target now loaded has weights {new}"
-    return (f"{what} was made for target {recorded.get('name')!r}"
-            f"{' from ' + str(recorded['source']) if recorded.get('source') else ''}, but {detail}"
-            f"{' (source ' + str(current['source']) + ')' if current.get('source') else ''}: the same name "
-            f"with other weights (a fine-tuned target, another source). Rebuild it for this target, or set "
-            f"target.accept_changed_weights=true if the difference is intended")
+        detail = f"with weights {old}; {now}: the same name with other weights (a fine-tuned target, another source)"
+    return (f"{made} {detail}. Rebuild it for this target, or set target.accept_changed_weights=true if the "
+            f"difference is intended")
