@@ -26,7 +26,6 @@ target dtype chosen (bf16 where the CPU has AVX512-BF16/AMX, like `eval.target_d
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,14 +115,17 @@ def run_case(target, drafter, prompts: list[list[int]], gamma: int, max_new: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--dtype", default="auto", help="target dtype: auto | float32 | bfloat16")
     parser.add_argument("--gammas", type=int, nargs="+", default=[3, 5, 7])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="alternated runs per case; the fastest is kept")
-    parser.add_argument("--recipe", default="dspark_smollm2", help="recipe whose drafter is built (untrained)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternated runs per case; the fastest is kept")
+    parser.add_argument("--recipe", default="dspark_smollm2",
+                        help="recipe whose drafter is built (untrained)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +143,8 @@ def main() -> None:
     drafter = drafter.to(target.dtype).eval()
     print(f"threads={torch.get_num_threads()} cpu_capability={torch.backends.cpu.get_cpu_capability()} "
           f"dtype={dtype} ({why}); drafter {drafter.spec.kind} {drafter.spec.num_layers} layers, untrained, "
-          f"proposals forced to the target's greedy continuation; {args.max_new_tokens} new tokens per request")
+          f"proposals forced to the target's greedy continuation; {args.max_new_tokens} new tokens "
+          f"per request")
     all_prompts = prompts_for(target, max(args.batches))
     warm = all_prompts[:1]
     run_case(target, drafter, warm, min(args.gammas), 8, 1)  # one-off costs out of the timings

@@ -166,8 +166,9 @@ class EvalConfig:
     # expected tokens per unit time from measured round costs and a short acceptance calibration pass
     block_size: Optional[Any] = None
     auto_prompts: int = 2  # block_size=auto: calibration prompts, taken after the evaluated ones
-    # target (and drafter) dtype while decoding: target (= target.dtype) | auto (bf16 on CUDA and on CPUs with
-    # AMX/AVX512-BF16, else fp32) | float32 | bfloat16 | float16. Both decoders use it; the summary records it.
+    # target (and drafter) dtype while decoding: target (= target.dtype) | auto (bf16 on CUDA and on CPUs
+    # with AMX/AVX512-BF16, else fp32) | float32 | bfloat16 | float16. Both decoders use it; the summary
+    # records it.
     target_dtype: str = "target"
     thinking: bool = False  # chat templates with a thinking switch (Qwen3) render prompts with thinking off
     confidence_threshold: Optional[float] = None  # drop the suffix after the first c_k below this

@@ -39,7 +39,8 @@ class ForcedDrafter:
 
     def new_state(self, batch_size: int, max_len: int, device=None):
         if batch_size != self.table_BL.shape[0]:
-            raise ValueError(f"ForcedDrafter holds {self.table_BL.shape[0]} sequences; the batch has {batch_size}")
+            raise ValueError(f"ForcedDrafter holds {self.table_BL.shape[0]} sequences; the batch has "
+                             f"{batch_size}")
         return self.drafter.new_state(batch_size, max_len, device)
 
     def forced(self, anchor_pos_B: torch.Tensor, K: int) -> torch.Tensor:
@@ -57,5 +58,6 @@ class ForcedDrafter:
         forced_BK = self.forced(anchor_pos_B, K).to(anchor_tokens_B.device)
         if num_drafts is not None:
             kwargs["num_drafts"] = num_drafts
-        return self.drafter.propose(state, anchor_tokens_B, anchor_pos_B, greedy=True, temperature=temperature,
-                                    generator=generator, forced_tokens_BK=forced_BK, **kwargs)
+        return self.drafter.propose(state, anchor_tokens_B, anchor_pos_B, greedy=True,
+                                    temperature=temperature, generator=generator, forced_tokens_BK=forced_BK,
+                                    **kwargs)

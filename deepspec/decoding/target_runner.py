@@ -53,7 +53,7 @@ ROW_EXACT = "deepspec_row_exact"
 
 def row_exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         is_causal=None, **kwargs):
-    """`transformers` SDPA attention for cached steps: batch 1 rows over their own prefix, half precision in fp32.
+    """`transformers` SDPA attention for cached steps: batch-1 rows over their own prefix, fp16/bf16 in fp32.
 
     Steps over a cache in bf16/fp16 on CPU attend in float32 (the CPU's half-precision attention
     kernel costs ~7x the float32 one for a single query row); the prefill keeps the model's dtype.

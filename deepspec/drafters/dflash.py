@@ -100,7 +100,8 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
         if num_drafts is None:
             return block
         if not 1 <= num_drafts <= block:
-            raise ValueError(f"propose: num_drafts={num_drafts}; this drafter proposes 1..{block} tokens per block")
+            raise ValueError(f"propose: num_drafts={num_drafts}; this drafter proposes 1..{block} tokens "
+                             f"per block")
         return int(num_drafts)
 
     @torch.no_grad()
@@ -108,17 +109,20 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
                 temperature: float = 1.0, generator: Optional[torch.Generator] = None,
                 forced_tokens_BK: Optional[Tensor] = None, num_drafts: Optional[int] = None,
                 with_probs: bool = True) -> Proposal:
-        """Draft `num_drafts` (default: the block size) tokens after each anchor (context = positions < anchor).
+        """Draft `num_drafts` (default: the block size) tokens after each anchor (context: earlier positions).
 
         The backbone runs the whole block; the LM head only the drafted slots.
         """
         hidden = self.block_hidden(state, anchor_tokens_B, anchor_pos_B)
         B = hidden.shape[0]
         K = self._drafted(num_drafts, hidden.shape[1])
-        logits = self.target_logits(hidden[:, :K].contiguous())  # strided bf16 matmuls are ~100x slower on CPU
+        # contiguous: a strided bf16 matmul takes a ~100x slower CPU path
+        logits = self.target_logits(hidden[:, :K].contiguous())
         tokens, probs = draw(logits.flatten(0, 1), greedy, temperature, generator,
-                             None if forced_tokens_BK is None else forced_tokens_BK[:, :K].flatten(), with_probs)
-        return Proposal(tokens_BK=tokens.view(B, K), draft_probs_BKV=None if probs is None else probs.view(B, K, -1))
+                             None if forced_tokens_BK is None else forced_tokens_BK[:, :K].flatten(),
+                             with_probs)
+        probs_BKV = None if probs is None else probs.view(B, K, -1)
+        return Proposal(tokens_BK=tokens.view(B, K), draft_probs_BKV=probs_BKV)
 
 
 class BlockDraftState:

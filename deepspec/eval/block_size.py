@@ -41,7 +41,8 @@ class BlockSizeChoice:
         for r in self.rows:
             mark = "  <- chosen" if r["gamma"] == self.block_size else ""
             lines.append(f"  {r['gamma']:>5}  {r['expected_tau']:>6.3f}  {r['draft_steps']:>5.2f}  "
-                         f"{r['verify_steps']:>6.2f}  {r['round_steps']:>5.2f}  {r['expected_speedup']:>10.3f}{mark}")
+                         f"{r['verify_steps']:>6.2f}  {r['round_steps']:>5.2f}  "
+                         f"{r['expected_speedup']:>10.3f}{mark}")
         return "\n".join(lines)
 
 
@@ -54,22 +55,22 @@ def expected_tau(acceptance: list[float], gamma: int) -> float:
     return total
 
 
-def choose_block_size(acceptance: list[float | None], draft_steps: dict[int, float], verify_steps: dict[int, float],
-                      source: str = "given") -> BlockSizeChoice:
+def choose_block_size(acceptance: list[float | None], draft_steps: dict[int, float],
+                      verify_steps: dict[int, float], source: str = "given") -> BlockSizeChoice:
     """The gamma in `draft_steps` maximising expected_tau / (draft + verify); ties go to the smaller gamma."""
     if not draft_steps or set(draft_steps) != set(verify_steps):
         raise ValueError("choose_block_size: draft and verify costs must be given for the same block sizes")
     acc = [0.0 if a is None else float(a) for a in acceptance]
     gammas = sorted(draft_steps)
     if len(acc) < gammas[-1]:
-        raise ValueError(f"choose_block_size: acceptance covers {len(acc)} positions; gamma up to {gammas[-1]} "
-                         f"was asked for")
+        raise ValueError(f"choose_block_size: acceptance covers {len(acc)} positions; gamma up to "
+                         f"{gammas[-1]} was asked for")
     rows = []
     for g in gammas:
         tau = expected_tau(acc, g)
         cost = draft_steps[g] + verify_steps[g]
-        rows.append({"gamma": g, "expected_tau": tau, "draft_steps": draft_steps[g], "verify_steps": verify_steps[g],
-                     "round_steps": cost, "expected_speedup": tau / cost})
+        rows.append({"gamma": g, "expected_tau": tau, "draft_steps": draft_steps[g],
+                     "verify_steps": verify_steps[g], "round_steps": cost, "expected_speedup": tau / cost})
     best = max(rows, key=lambda r: (r["expected_speedup"], -r["gamma"]))
     return BlockSizeChoice(block_size=best["gamma"], acceptance=acc, rows=rows, source=source)
 
@@ -126,7 +127,7 @@ def measure_round_costs(target, drafter, prompts: list[list[int]], gammas: list[
     for r in range(repeats + 1):  # the first pass warms up and is not kept
         times = [_elapsed(decode_step)]
         for g in gammas:
-            times += [_elapsed(lambda: draft(g)), _elapsed(lambda: verify(g))]
+            times += [_elapsed(lambda g=g: draft(g)), _elapsed(lambda g=g: verify(g))]
         if r:
             step_s.append(times[0])
             for i, g in enumerate(gammas):
@@ -161,10 +162,12 @@ def calibrate_block_size(target, drafter, benchmark: str, skip_prompts: int, num
         held_apart = bench.conversations[:num_prompts]
         source = f"{len(held_apart)} {benchmark} prompts (also evaluated: the benchmark has no others)"
     bench = replace(bench, conversations=held_apart)
-    run = run_benchmark(target, drafter, bench, replace(settings, block_size=K), progress=progress, baseline=False)
+    run = run_benchmark(target, drafter, bench, replace(settings, block_size=K), progress=progress,
+                        baseline=False)
     log = run.rounds
     acceptance = per_position_acceptance(log.proposed, log.accepted, log.eos_stop, K)
-    prompts = [encode_chat(target, [{"role": "user", "content": c[0]}], settings.thinking) for c in held_apart]
+    prompts = [encode_chat(target, [{"role": "user", "content": c[0]}], settings.thinking)
+               for c in held_apart]
     prompts = (prompts * settings.batch_size)[:settings.batch_size]
     draft, verify = measure_round_costs(target, drafter, prompts, list(range(1, K + 1)))
     return choose_block_size(acceptance, draft, verify, source=f"{source}, {len(log)} rounds")

@@ -30,11 +30,11 @@ def run(cfg: DictConfig) -> dict:
     """
     from deepspec.config import section
     from deepspec.eval.benchmarks import load_benchmark
+    from deepspec.eval.block_size import calibrate_block_size
     from deepspec.eval.calibrate import calibrate_rounds
     from deepspec.eval.evaluate import run_benchmark, summarise, warm_up
     from deepspec.eval.metrics import merge_logs
     from deepspec.eval.report import plot_acceptance, plot_tau, plot_time_breakdown, results_markdown
-    from deepspec.eval.block_size import calibrate_block_size
     from deepspec.eval.setup import (
         decode_settings,
         eval_target,

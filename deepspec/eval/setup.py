@@ -21,7 +21,8 @@ SCHEDULERS = ("none", "algorithm1", "topk")
 
 
 def load_eval_drafter(target: FrozenTarget, draft_dir: str | None) -> torch.nn.Module:
-    """The drafter saved in `draft_dir`, on the target's device and in its dtype, sharing its embedding and LM head."""
+    """The drafter saved in `draft_dir`, on the target's device and in its dtype, sharing its embedding
+    and LM head."""
     from deepspec.drafters.io import load_drafter
 
     if not draft_dir:
@@ -111,8 +112,8 @@ def parse_block_size(value) -> int | str | None:
     except (TypeError, ValueError):
         size = 0
     if size < 1 or str(value).strip() != str(size):
-        raise ValueError(f"eval.block_size={value!r}; use a positive number of drafts per round, 'auto' (chosen "
-                         f"from measured costs and acceptance) or null (the drafter's block size)")
+        raise ValueError(f"eval.block_size={value!r}; use a positive number of drafts per round, 'auto' "
+                         f"(chosen from measured costs and acceptance) or null (the drafter's block size)")
     return size
 
 
@@ -126,15 +127,17 @@ def fixed_block_size(value, drafter_block_size: int, command: str) -> int:
 
 
 def decode_settings(ev, budget_fn: BudgetFn | None, sts: torch.Tensor | None) -> DecodeSettings:
-    """DecodeSettings from the `eval` config section (block_size=auto is left None for the caller to choose)."""
+    """DecodeSettings from the `eval` config section (block_size=auto is left None: the caller chooses)."""
     if ev.batch_size < 1:
         raise ValueError(f"eval.batch_size={ev.batch_size}; use 1 or more")
     block_size = parse_block_size(ev.block_size)
     return DecodeSettings(max_new_tokens=int(ev.max_new_tokens),
                           sampling=SamplingParams(float(ev.temperature), float(ev.top_p), int(ev.top_k)),
-                          batch_size=int(ev.batch_size), block_size=None if block_size == "auto" else block_size,
+                          batch_size=int(ev.batch_size),
+                          block_size=None if block_size == "auto" else block_size,
                           confidence_threshold=ev.confidence_threshold, budget_fn=budget_fn,
-                          sts_temperatures=sts, kernel=ev.kernel, seed=int(ev.seed), thinking=bool(ev.thinking))
+                          sts_temperatures=sts, kernel=ev.kernel, seed=int(ev.seed),
+                          thinking=bool(ev.thinking))
 
 
 def eval_target(cfg):

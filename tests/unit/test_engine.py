@@ -169,7 +169,7 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 def second_tokens(gen, target, prompt, params):
-    """(counts of the 2nd token among requests whose 1st token was the commonest one x1, p_t(. | prompt, x1), x1).
+    """(counts of the 2nd token where the 1st was the commonest one x1, p_t(. | prompt, x1), x1).
 
     The first token comes from the prefill; the second is the first one a verification round commits.
     """
@@ -189,7 +189,8 @@ def test_sampled_first_round_token_follows_the_target_distribution(tiny_target, 
     drafter = make_drafter(target, "dflash", K=3, seed=2)
     prompt = random_prompts(32, (6,), seed=5)[0]
     N = 3000
-    gen = generate_speculative(target, drafter, [prompt] * N, 2, params, [], generator=torch.Generator().manual_seed(0))
+    gen = generate_speculative(target, drafter, [prompt] * N, 2, params, [],
+                               generator=torch.Generator().manual_seed(0))
     counts, p_t, x1 = second_tokens(gen, target, prompt, params)
     assert chi_square_p(counts, p_t) > 1e-3
     # power: the first drafts were often rejected, and the test tells p_d from p_t
@@ -289,9 +290,10 @@ def test_bf16_greedy_speculative_output_equals_bf16_target_only():
     from deepspec.targets import load_target
     from tests.conftest import TINY
 
-    config = {**TINY["llama"], "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8, "head_dim": 32,
-              "num_key_value_heads": 2}
-    target = load_target("random:llama", dtype="bfloat16", device="cpu", random_config=config, need_tokenizer=False)
+    config = {**TINY["llama"], "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8,
+              "head_dim": 32, "num_key_value_heads": 2}
+    target = load_target("random:llama", dtype="bfloat16", device="cpu", random_config=config,
+                         need_tokenizer=False)
     drafter = make_drafter(target, "dspark", K=4).to(torch.bfloat16)
     for seed in range(3):
         prompt = random_prompts(target.vocab_size, (40,), seed=seed)
@@ -343,5 +345,6 @@ def test_every_eos_id_stops_a_round_and_tau_counts_accepted_tokens_only(tiny_tar
     spec = generate_speculative(target, oracle, prompts, 16, GREEDY, [other, eos], block_size=4)
     assert spec.tokens == generate_target_only(target, prompts, 16, GREEDY, [other, eos]).tokens
     assert spec.tokens[0][-1] == eos and len(spec.tokens[0]) == stop + 1
-    assert spec.rounds.eos_stop == [True] and spec.rounds.committed == [stop] and spec.rounds.accepted == [stop]
+    assert spec.rounds.eos_stop == [True]
+    assert spec.rounds.committed == [stop] and spec.rounds.accepted == [stop]
     assert round_metrics(spec.rounds, 4)["tau"] == stop

@@ -178,16 +178,18 @@ def test_eval_auto_block_size_and_target_dtype_land_in_the_summary(tiny_eval, tm
     gsm = summary["benchmarks"]["gsm8k"]
     assert gsm["block_size"] == chosen == summary["settings"]["block_size"]
     assert {"tau", "speedup", "greedy_match"} <= set(gsm) and gsm["greedy_match"] == 1.0
-    assert summary["target_dtype"] == summary["settings"]["target_dtype"] == "float32"  # the shared tiny target
-    assert run_cli(["eval", *base, f"draft={draft}", "eval.block_size=seven", f"output_dir={tmp_path / 'B'}"]) != 0
+    # the tiny target shared by these tests is loaded once, in float32, and the summary says so
+    assert summary["target_dtype"] == summary["settings"]["target_dtype"] == "float32"
+    bad = ["eval", *base, f"draft={draft}", "eval.block_size=seven", f"output_dir={tmp_path / 'B'}"]
+    assert run_cli(bad) != 0
     assert "eval.block_size='seven'; use a positive number of drafts per round" in capsys.readouterr().err
 
 
 def test_eval_dtype_auto_picks_bf16_only_where_the_cpu_runs_it_fast():
     from deepspec.eval.dtype import resolve_eval_dtype
 
-    assert resolve_eval_dtype("auto", "float32", "cpu", cpuinfo="flags : fpu avx512f avx512_bf16")[0] == "bfloat16"
-    assert resolve_eval_dtype("auto", "float32", "cpu", cpuinfo="flags : fpu amx_bf16 amx_tile")[0] == "bfloat16"
+    for flags in ("fpu avx512f avx512_bf16", "fpu amx_bf16 amx_tile"):
+        assert resolve_eval_dtype("auto", "float32", "cpu", cpuinfo=f"flags : {flags}")[0] == "bfloat16"
     dtype, why = resolve_eval_dtype("auto", "float32", "cpu", cpuinfo="flags : fpu avx2 avx512f")
     assert dtype == "float32" and "no AMX/AVX512-BF16" in why
     assert resolve_eval_dtype("target", "float16", "cpu")[0] == "float16"

@@ -62,7 +62,8 @@ def test_every_eos_id_stops_the_round():
     assert res.committed_BK1.tolist() == [[3, 0, -1, -1], [3, 5, -1, -1], [3, 1, 4, 2]]
     assert res.num_committed_B.tolist() == [2, 2, 4]
     # a single id in a list behaves as the bare id; an EOS after a rejection changes nothing
-    assert _ref(drafts, None, target, torch.tensor([3, 3, 3]), None, [0], True).accepted_B.tolist() == [2, 3, 3]
+    single = _ref(drafts, None, target, torch.tensor([3, 3, 3]), None, [0], True)
+    assert single.accepted_B.tolist() == [2, 3, 3]
     late = _ref(torch.tensor([[2, 5, 4]]), None, target[1:2], torch.tensor([3]), None, [5, 0], True)
     assert late.accepted_B.tolist() == [0] and late.num_committed_B.tolist() == [1]
 
