@@ -86,8 +86,15 @@ class SharedTargetMixin:
         return F.embedding(ids, self.frozen.embed_weight_VD).to(dtype)
 
     def target_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., D] -> logits [..., V] through the target's LM head, as one 2-D matmul.
+
+        Flattened first: a 3-D operand whose batch stride is not rows x D (a slice of the drafted
+        rows out of a block, even when `is_contiguous()` says so because the batch is 1) sends
+        bf16 matmuls on CPU to a batched path 20-50x slower than the plain one.
+        """
         w = self.frozen.lm_head_weight_VD
-        return hidden.to(w.dtype) @ w.T
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(w.dtype)
+        return F.linear(flat, w).view(*hidden.shape[:-1], w.shape[0])
 
 
 def draw(logits_BV: Tensor, greedy: bool, temperature: float, generator: Optional[torch.Generator],

@@ -116,8 +116,7 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
         hidden = self.block_hidden(state, anchor_tokens_B, anchor_pos_B)
         B = hidden.shape[0]
         K = self._drafted(num_drafts, hidden.shape[1])
-        # contiguous: a strided bf16 matmul takes a ~100x slower CPU path
-        logits = self.target_logits(hidden[:, :K].contiguous())
+        logits = self.target_logits(hidden[:, :K])
         tokens, probs = draw(logits.flatten(0, 1), greedy, temperature, generator,
                              None if forced_tokens_BK is None else forced_tokens_BK[:, :K].flatten(),
                              with_probs)

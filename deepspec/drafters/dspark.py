@@ -61,7 +61,7 @@ class DSparkDrafter(DFlashDrafter):
         """
         hidden = self.block_hidden(state, anchor_tokens_B, anchor_pos_B)  # [B, K, D]
         K = self._drafted(num_drafts, hidden.shape[1])
-        hidden = hidden[:, :K].contiguous()  # a strided view sends bf16 matmuls to a ~100x slower CPU path
+        hidden = hidden[:, :K]
         base = self.target_logits(hidden)  # U_k of the drafted slots only
         B = hidden.shape[0]
         head_state = None if self.head is None else self.head.init_state(B, hidden.device)
