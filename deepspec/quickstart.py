@@ -20,6 +20,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from deepspec.config import compose
+from deepspec.drafters.registry import kind_entry
 from deepspec.runs import atomic_write, format_table, prepare_output_dir, print0, read_summary, write_summary
 
 SMALL_BUDGET_HELP = """Small-budget overrides (a few minutes on 2 CPU cores; what CI runs):
@@ -97,7 +98,7 @@ def run(cfg: DictConfig) -> dict:
     kinds = ["dspark"] + (["dflash", "eagle3"] if q.compare else [])
     results: dict[str, dict] = {}
     for kind in kinds:
-        kind_recipe = recipe if kind == "dspark" else f"{kind}_smollm2"
+        kind_recipe = recipe if kind == kinds[0] else kind_entry(kind).quickstart_recipe
         t_sum, t_fp, t_s, t_reused = _run_stage(
             f"train[{kind}]", out / f"train_{kind}",
             common + [f"input={out / 'regenerate'}", f"trainer.max_steps={q.train_steps}", "resume=auto",
