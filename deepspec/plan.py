@@ -194,7 +194,7 @@ def plan_from_config(cfg: DictConfig) -> dict[str, Any]:
                          gpu_memory_gib=p.gpu_memory_gib, tokens=p.tokens, micro_batch=cfg.trainer.micro_batch,
                          seq_len=cfg.data.max_seq_len, vocab_chunk=cfg.loss.vocab_chunk,
                          features=cfg.features.source, target_dtype=cfg.features.dtype, epochs=cfg.trainer.epochs,
-                         zero_stage=cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 0, mfu=p.mfu,
+                         zero_stage=cfg.deepspeed.zero_stage, mfu=p.mfu,
                          interconnect_gbps=p.interconnect_gbps)
 
 
