@@ -1,4 +1,4 @@
-"""Save / load a trained drafter: `drafter.safetensors` + `drafter_config.json`.
+"""Save / load a trained drafter: `drafter.safetensors` + `drafter_config.json` (+ `sts.json`).
 
 The config holds the resolved DrafterSpec, the TargetShapes and the tapped layer ids, with a
 format version. The target's embedding and LM head are never saved (they are not part of
@@ -21,6 +21,31 @@ from deepspec.targets.shapes import TargetShapes
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "drafter.safetensors"
 CONFIG_FILE = "drafter_config.json"
+STS_FILE = "sts.json"  # confidence-head temperatures written by `deepspec eval calibrate`
+
+
+def resolve_draft_dir(draft) -> Path:
+    """`draft=PATH` as every command reads it: a checkpoint directory holding `save_drafter` output, or a
+    run directory written by `deepspec train` (resolved to its checkpoints/final)."""
+    if not draft:
+        raise ValueError("draft=PATH is required: a run directory written by `deepspec train` (e.g. runs/dspark) "
+                         "or one of its checkpoints (runs/dspark/checkpoints/best)")
+    path = Path(draft)
+    if not (path / CONFIG_FILE).is_file() and (path / "checkpoints" / "final" / CONFIG_FILE).is_file():
+        path = path / "checkpoints" / "final"
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"draft={draft}: no {CONFIG_FILE} there; point it at a run directory written by "
+                                f"`deepspec train` or at one of its checkpoints (RUN/checkpoints/final or "
+                                f"RUN/checkpoints/best)")
+    return path
+
+
+def read_sts(path) -> list[float]:
+    """The STS temperatures in a `sts.json` file."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "temperatures" not in data:
+        raise ValueError(f"{path} holds no 'temperatures'; rewrite it with `deepspec eval calibrate`")
+    return [float(t) for t in data["temperatures"]]
 
 
 def save_drafter(directory, drafter: nn.Module) -> Path:

@@ -4,6 +4,7 @@ end on a tiny random Llama (SmolLM2 tokenizer) with an untrained DSpark drafter.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,20 @@ def test_calibrate_stores_sts_with_the_drafter_and_eval_uses_it(tiny_eval, tmp_p
     summary = json.loads((tmp_path / "E2" / "summary.json").read_text())
     assert summary["settings"]["sts"].endswith("sts.json")
     assert summary["benchmarks"]["gsm8k"]["greedy_match"] == 1.0
+
+
+def test_eval_and_calibrate_take_a_run_directory_as_export_does(tiny_eval, tmp_path):
+    base, draft = tiny_eval
+    run_dir = tmp_path / "run"
+    shutil.copytree(draft, run_dir / "checkpoints" / "final")
+    common = [*base, f"draft={run_dir}", "eval.benchmarks=[gsm8k]", "eval.max_prompts=2", "eval.max_new_tokens=6",
+              "eval.warmup=false", "eval.progress=false"]
+    assert run_cli(["eval", "calibrate", *common, f"output_dir={tmp_path / 'C'}"]) == 0
+    assert (run_dir / "checkpoints" / "final" / "sts.json").is_file()  # stored with the checkpoint it fits
+    assert run_cli(["eval", *common, f"output_dir={tmp_path / 'E'}"]) == 0
+    summary = json.loads((tmp_path / "E" / "summary.json").read_text())
+    assert summary["settings"]["sts"] == str(run_dir / "checkpoints" / "final" / "sts.json")
+    assert run_cli(["eval", *base, f"draft={tmp_path}", f"output_dir={tmp_path / 'X'}"]) == 1  # no checkpoint
 
 
 def test_profile_writes_an_sps_table_the_scheduler_loads(tiny_eval, tmp_path):
