@@ -1,10 +1,10 @@
 """The enumerated settings of the configuration schema.
 
-Each is a `Choice` (a str-valued Enum) whose member names equal their values, so a recipe or an override writes
-the plain word (`trainer.schedule=wsd`), OmegaConf checks it when the config is composed,
-and the library code that receives it compares it with ordinary strings. The library
-functions keep their own checks for callers that do not go through a config; a unit test
-keeps the two lists equal.
+Each is a `Choice` (a str-valued Enum) whose member names equal their values, so a recipe
+or an override writes the plain word (`trainer.schedule=wsd`), OmegaConf checks it when
+the config is composed, and the library code that receives it compares it with ordinary
+strings. The library functions keep their own checks for callers that do not go through a
+config; a unit test keeps the two lists equal.
 """
 
 from __future__ import annotations

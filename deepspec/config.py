@@ -55,7 +55,7 @@ class TargetConfig:
 
 @dataclass
 class LossConfig:
-    """Distillation loss weights (SPEC §3)."""
+    """Distillation loss weights (docs/training.md)."""
 
     alpha_ce: float = 0.1
     alpha_tv: float = 0.9
@@ -400,7 +400,8 @@ def _raise_bad_choice(recipe: str, msg: str, overrides: list[str], key: Optional
         value, choices = invalid.group(1), [c.strip() for c in invalid.group(2).split(",")]
         full_key = re.search(r"full_key: ([\w.]+)", msg)
         key = _bad_key_from_message(msg, overrides) or key or (full_key.group(1) if full_key else "?")
-        raise ConfigError(f"recipe '{recipe}': {key}={value} is not a valid value; {_closest(value, choices)}")
+        raise ConfigError(f"recipe '{recipe}': {key}={value} is not a valid value; "
+                          f"{_closest(value, choices)}")
     missing = re.search(r"Could not find '([\w/]+)/([^'/]+)'", msg)
     if missing and (configs_dir() / missing.group(1)).is_dir():
         group, value = missing.groups()

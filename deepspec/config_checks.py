@@ -72,20 +72,22 @@ def _trainer(cfg: DictConfig) -> list[str]:
 def _deepspeed(cfg: DictConfig) -> list[str]:
     ds = cfg.deepspeed
     if ds.zero_stage not in (0, 1, 2, 3):
-        return [f"deepspeed.zero_stage={ds.zero_stage}; choose 0, 1, 2 or 3 (or the group: deepspeed=none|zero1|"
-                f"zero2|zero3)"]
+        return [f"deepspeed.zero_stage={ds.zero_stage}; choose 0, 1, 2 or 3 (or the group: "
+                f"deepspeed=none|zero1|zero2|zero3)"]
     if ds.offload_param and ds.zero_stage != 3:
         return [f"deepspeed.offload_param=true needs ZeRO stage 3 (deepspeed=zero3), not {ds.zero_stage}"]
     return []
 
 
 def _data(cfg: DictConfig) -> list[str]:
-    out = _ranges(cfg.data, "data", {"heldout_fraction": lambda v: 0 <= v < 1, "max_seq_len": lambda v: v >= 2},
+    out = _ranges(cfg.data, "data",
+                  {"heldout_fraction": lambda v: 0 <= v < 1, "max_seq_len": lambda v: v >= 2},
                   {"heldout_fraction": "in [0, 1)", "max_seq_len": "at least 2"})
     for name in ("data", "quickstart"):
         sources, weights = cfg[name].sources, cfg[name].weights
         if weights is not None and len(weights) != len(sources):
-            out.append(f"{name}.weights has {len(weights)} entries for {len(sources)} {name}.sources {list(sources)}")
+            out.append(f"{name}.weights has {len(weights)} entries for {len(sources)} {name}.sources "
+                       f"{list(sources)}")
     return out
 
 

@@ -1,4 +1,4 @@
-"""`deepspec plan`: capacity plan of a recipe's drafter before renting the GPUs (SPEC §5, §7).
+"""`deepspec plan`: capacity plan of a recipe's drafter before renting the GPUs (docs/training.md).
 
     deepspec plan recipe=dspark_v4_flash [plan.nodes=4 plan.gpus_per_node=8 plan.tokens=1240000000]
 

@@ -1,4 +1,4 @@
-"""Speculative decoding engine (SPEC §1, §6) and the target-only baseline it is measured against.
+"""Speculative decoding engine (docs/engine.md) and the target-only baseline it is measured against.
 
 Both loops run a batch of requests through the same `TargetSession` (KV-cached target with
 per-request rollback), so speedup = tokens/s speculative ÷ tokens/s target-only compares

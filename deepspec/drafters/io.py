@@ -28,14 +28,14 @@ def resolve_draft_dir(draft) -> Path:
     """`draft=PATH` as every command reads it: a checkpoint directory holding `save_drafter` output, or a
     run directory written by `deepspec train` (resolved to its checkpoints/final)."""
     if not draft:
-        raise ValueError("draft=PATH is required: a run directory written by `deepspec train` (e.g. runs/dspark) "
-                         "or one of its checkpoints (runs/dspark/checkpoints/best)")
+        raise ValueError("draft=PATH is required: a run directory written by `deepspec train` (e.g. "
+                         "runs/dspark) or one of its checkpoints (runs/dspark/checkpoints/best)")
     path = Path(draft)
     if not (path / CONFIG_FILE).is_file() and (path / "checkpoints" / "final" / CONFIG_FILE).is_file():
         path = path / "checkpoints" / "final"
     if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"draft={draft}: no {CONFIG_FILE} there; point it at a run directory written by "
-                                f"`deepspec train` or at one of its checkpoints (RUN/checkpoints/final or "
+        raise FileNotFoundError(f"draft={draft}: no {CONFIG_FILE} there; point it at a run directory written "
+                                f"by `deepspec train` or at one of its checkpoints (RUN/checkpoints/final or "
                                 f"RUN/checkpoints/best)")
     return path
 

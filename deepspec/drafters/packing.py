@@ -1,4 +1,4 @@
-"""Training batches: anchor sampling and anchor-bounded block packing (SPEC §3).
+"""Training batches: anchor sampling and anchor-bounded block packing (docs/training.md).
 
 DFlash/DSpark train on *blocks*: per sequence, N anchors i (positions where i and i+1 lie
 in the loss mask), each giving block inputs [x_i, mask, ..., mask] at positions i..i+K-1

@@ -63,17 +63,20 @@ class KindEntry:
 
 _BLOCK_FIELD, _EAGLE_FIELD = "target_layer_ids", "eagle_aux_hidden_state_layer_ids"
 KINDS: dict[Kind, KindEntry] = {
-    Kind.dspark: KindEntry(Kind.dspark, "DSpark", "deepspec.drafters.dspark:DSparkDrafter", parallel_blocks=True,
-                           fixed_num_layers=None, calibrated_confidence=True, prunes_vocab=False, engine_method="dspark",
-                           engine_layer_field=_BLOCK_FIELD, quickstart_recipe="dspark_smollm2",
-                           v4_class="deepspec.drafters.v4:V4DSparkDrafter"),
-    Kind.dflash: KindEntry(Kind.dflash, "DFlash", "deepspec.drafters.dflash:DFlashDrafter", parallel_blocks=True,
-                           fixed_num_layers=None, calibrated_confidence=False, prunes_vocab=False, engine_method="dspark",
-                           engine_layer_field=_BLOCK_FIELD, quickstart_recipe="dflash_smollm2",
-                           v4_class="deepspec.drafters.v4:V4DSparkDrafter"),
-    Kind.eagle3: KindEntry(Kind.eagle3, "Eagle3", "deepspec.drafters.eagle3:Eagle3Drafter", parallel_blocks=False,
-                           fixed_num_layers=1, calibrated_confidence=False, prunes_vocab=True, engine_method="eagle3",
-                           engine_layer_field=_EAGLE_FIELD, quickstart_recipe="eagle3_smollm2"),
+    Kind.dspark: KindEntry(
+        Kind.dspark, "DSpark", "deepspec.drafters.dspark:DSparkDrafter", parallel_blocks=True,
+        fixed_num_layers=None, calibrated_confidence=True, prunes_vocab=False, engine_method="dspark",
+        engine_layer_field=_BLOCK_FIELD, quickstart_recipe="dspark_smollm2",
+        v4_class="deepspec.drafters.v4:V4DSparkDrafter"),
+    Kind.dflash: KindEntry(
+        Kind.dflash, "DFlash", "deepspec.drafters.dflash:DFlashDrafter", parallel_blocks=True,
+        fixed_num_layers=None, calibrated_confidence=False, prunes_vocab=False, engine_method="dspark",
+        engine_layer_field=_BLOCK_FIELD, quickstart_recipe="dflash_smollm2",
+        v4_class="deepspec.drafters.v4:V4DSparkDrafter"),
+    Kind.eagle3: KindEntry(
+        Kind.eagle3, "Eagle3", "deepspec.drafters.eagle3:Eagle3Drafter", parallel_blocks=False,
+        fixed_num_layers=1, calibrated_confidence=False, prunes_vocab=True, engine_method="eagle3",
+        engine_layer_field=_EAGLE_FIELD, quickstart_recipe="eagle3_smollm2"),
 }
 
 
@@ -96,8 +99,8 @@ def check_spec(spec: DrafterSpec) -> None:
             raise ValueError(f"drafter.{name}={value!s}; choose one of {', '.join(enum)}")
     if entry.parallel_blocks:
         if spec.mask_token_id is None:
-            raise ValueError(f"drafter.mask_token_id is required for kind={spec.kind!s}: set it to a token id "
-                             f"the target never produces (tiny test models: vocab_size - 1)")
+            raise ValueError(f"drafter.mask_token_id is required for kind={spec.kind!s}: set it to a token "
+                             f"id the target never produces (tiny test models: vocab_size - 1)")
         if spec.block_size < 2:
             raise ValueError(f"drafter.block_size={spec.block_size}; a block needs at least 2 slots")
     if entry.fixed_num_layers is not None and spec.num_layers != entry.fixed_num_layers:

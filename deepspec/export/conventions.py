@@ -1,4 +1,4 @@
-"""Which target layer an engine taps for a written layer id (SPEC §8, the off-by-one trap).
+"""Which target layer an engine taps for a written layer id (docs/export.md, the off-by-one trap).
 
 deepspec's convention: "layer k" is the *output* of decoder layer k (`hidden_states[k+1]` in
 `transformers`). Each engine reads the ids in a draft's config.json its own way; what we

@@ -49,12 +49,14 @@ def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloa
     out.mkdir(parents=True, exist_ok=True)
     spec = drafter.spec
     warnings: list[str] = []
-    if kind_entry(spec).calibrated_confidence and getattr(drafter, "confidence", None) is not None and sts_temperatures is None:
+    if kind_entry(spec).calibrated_confidence and getattr(drafter, "confidence", None) is not None \
+            and sts_temperatures is None:
         warnings.append("no STS temperatures found next to the drafter (DRAFT/sts.json): the confidence head is "
                         "exported uncalibrated; run `deepspec eval calibrate` first")
     if fmt == "hf":
         files = _write_hf(drafter, out, dtype, sts_temperatures)
-        written_ids, field, method, arch = list(spec.layer_ids), "layer_ids", None, kind_entry(spec).hf_architecture
+        written_ids, field, method = list(spec.layer_ids), "layer_ids", None
+        arch = kind_entry(spec).hf_architecture
     else:
         exp = engine_layout(drafter, fmt, dtype, sts_temperatures, dflash_layout)
         shapes = {k: tuple(v.shape) for k, v in exp.tensors.items()}

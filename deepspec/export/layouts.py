@@ -10,7 +10,7 @@ Written against vLLM 0.32.0's own loaders (paths relative to site-packages/vllm)
   llm_base_proposer.py:1416-1560), which is what an unpruned deepspec Eagle3 uses.
 - DFlash and DSpark -> `Qwen3DSparkModel` (model_executor/models/qwen3_dspark.py), served with
   `method: dspark`. Its speculator feeds [anchor, mask x (K-1)] and samples all K slots
-  (v1/worker/gpu/spec_decode/dspark/speculator.py:9-17): exactly deepspec's block (SPEC §2.1,
+  (v1/worker/gpu/spec_decode/dspark/speculator.py:9-17): exactly deepspec's block (docs/algorithms.md,
   "the DSpark variant of DFlash"). Weights `fc`, `hidden_norm` (the context RMSNorm),
   `layers.*` (Qwen3 layers: q_norm/k_norm always present, qwen3_dflash.py:291-313), `norm`,
   `markov_head.markov_w1` [V, r], `markov_head.markov_w2` [V_draft, r] (a ParallelLMHead, so the

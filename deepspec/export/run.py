@@ -44,7 +44,8 @@ def run(cfg) -> dict:
     draft_dir = resolve_draft_dir(cfg.draft)
     drafter = load_drafter(draft_dir)
     target_note = None
-    if kind_entry(drafter).prunes_vocab and drafter.spec.draft_vocab_size is not None and fmt in ("vllm", "sglang"):
+    if kind_entry(drafter).prunes_vocab and drafter.spec.draft_vocab_size is not None \
+            and fmt in ("vllm", "sglang"):
         target_note = _attach_target(cfg, drafter, draft_dir)  # the pruned LM head is a slice of the target's
     if fmt == "v4":
         import torch

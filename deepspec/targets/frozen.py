@@ -1,6 +1,6 @@
 """FrozenTarget: the one interface data tools, training and eval use to talk to a target.
 
-Convention (SPEC §2): "layer k" is the output of decoder layer k (`hidden_states[k+1]` in
+Convention (docs/algorithms.md): "layer k" is the output of decoder layer k (`hidden_states[k+1]` in
 `transformers`); the final layer is never tapped because its `hidden_states` entry is
 post-norm. The final hidden state returned here is post final norm, pre LM head, so
 `target.logits(final)` is the target's distribution. DeepSeek-V4 keeps 4 mHC residual

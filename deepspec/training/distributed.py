@@ -74,7 +74,8 @@ def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> in
     return global_batch // per_step
 
 
-def deepspeed_json(ds: DeepSpeedConfig, tr: TrainerConfig, grad_accum: int, world_size: int, bf16: bool) -> dict:
+def deepspeed_json(ds: DeepSpeedConfig, tr: TrainerConfig, grad_accum: int, world_size: int,
+                   bf16: bool) -> dict:
     """The DeepSpeed config dict for one run (ZeRO 0/1/2/3, AdamW, clipping, bf16 or fp32) from the
     `deepspeed` and `trainer` sections; `ds.extra` is merged over it last."""
     if ds.zero_stage not in (0, 1, 2, 3):
@@ -119,7 +120,7 @@ def build_engine(model: nn.Module, ds_config: dict, lr_lambda: Callable[[int], f
     """DeepSpeed engine over `model`'s trainable parameters with a LambdaLR schedule.
 
     Frozen parameters (requires_grad=False) never enter the optimizer. `leaf_modules`
-    (class names) are kept whole under ZeRO-3 (MoE experts, SPEC §5). `external_params` are
+    (class names) are kept whole under ZeRO-3 (MoE experts, docs/training.md). `external_params` are
     read by `model`'s forward outside their own module's forward (DSpark's W2 in the loss):
     ZeRO-3 gathers them for the whole of `model`'s forward and backward.
     """

@@ -29,7 +29,7 @@ Batch = Union[PackedBatch, Eagle3Batch]
 
 
 def loss_weights(spec: DrafterSpec, gamma_w: Optional[float]) -> Tensor:
-    """w_k per block position (DFlash/DSpark, SPEC §3) or ttt_decay**j per TTT step (Eagle3)."""
+    """w_k per block position (DFlash/DSpark, docs/training.md) or ttt_decay**j per TTT step (Eagle3)."""
     if not kind_entry(spec).parallel_blocks:
         return spec.ttt_decay ** torch.arange(spec.ttt_steps, dtype=torch.float32)
     return position_weights(spec.block_size, gamma_w)
@@ -90,7 +90,7 @@ class DraftLoss(nn.Module):
     def losses(self, batch: Batch) -> LossParts:
         out = self.drafter(batch)
         w = self.weights_K
-        if not self.parallel_blocks:  # Eagle3: soft CE against the target over the (pruned, frozen) draft vocabulary
+        if not self.parallel_blocks:  # Eagle3: soft CE against the target over the (pruned) draft vocabulary
             draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
             loss, wsum, accept, correct = eagle_soft_ce(
                 out.hidden_NKD, draft_head, batch.target_hidden_NKD, self.lm_head_weight_VD, batch.valid_NK, w,

@@ -17,8 +17,9 @@ sys.exit(rc)
 
 def test_a_misspelled_schedule_fails_before_any_model_loads_naming_cosine(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", CHECK, "train", "recipe=dspark_smollm2", "trainer.schedule=cosin",
-                           f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", CHECK, "train", "recipe=dspark_smollm2",
+                           "trainer.schedule=cosin", f"output_dir={out}"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "trainer.schedule=cosin" in proc.stderr and "did you mean 'cosine'" in proc.stderr
     assert "LOADED []" in proc.stdout  # neither the target's library nor DeepSpeed was imported

@@ -126,8 +126,8 @@ def test_eval_and_calibrate_take_a_run_directory_as_export_does(tiny_eval, tmp_p
     base, draft = tiny_eval
     run_dir = tmp_path / "run"
     shutil.copytree(draft, run_dir / "checkpoints" / "final")
-    common = [*base, f"draft={run_dir}", "eval.benchmarks=[gsm8k]", "eval.max_prompts=2", "eval.max_new_tokens=6",
-              "eval.warmup=false", "eval.progress=false"]
+    common = [*base, f"draft={run_dir}", "eval.benchmarks=[gsm8k]", "eval.max_prompts=2",
+              "eval.max_new_tokens=6", "eval.warmup=false", "eval.progress=false"]
     assert run_cli(["eval", "calibrate", *common, f"output_dir={tmp_path / 'C'}"]) == 0
     assert (run_dir / "checkpoints" / "final" / "sts.json").is_file()  # stored with the checkpoint it fits
     assert run_cli(["eval", *common, f"output_dir={tmp_path / 'E'}"]) == 0

@@ -1,4 +1,4 @@
-"""V4-style DSpark drafter (SPEC §7): the layer is transformers' V4 block, no leakage across the anchor,
+"""V4-style DSpark drafter: the layer is transformers' V4 block, no leakage across the anchor,
 training forward == inference propose, full-size Flash / Pro parameter counts, the `mtp.*` export
 round trip, the V4 final-layer tap, and the capacity-plan arithmetic."""
 
@@ -258,7 +258,7 @@ def test_import_of_a_published_style_checkpoint_uses_its_config(target, tmp_path
 
 
 def test_capacity_plan_arithmetic():
-    assert cache_bytes_per_token(2560, 5, "bf16") == 5 + 2 * 2560 * 6  # SPEC §4 publishes 6 + 2·d·(m+1)
+    assert cache_bytes_per_token(2560, 5, "bf16") == 5 + 2 * 2560 * 6  # DeepSpec's: 6 + 2·d·(m+1)
     assert cache_bytes_per_token(4096, 3, "fp8") == 5 + 4096 * 4 + 4 * 4
     P, W = 1000, 8
     assert [model_state_bytes(P, s, W) for s in range(4)] == [16000, 4000 + 1500, 2000 + 1750, 2000]
