@@ -40,6 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deepspec.features import SequenceFeatures, bytes_per_token  # noqa: F401  (re-exported)
+
 FORMAT = "deepspec-features/1"
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -48,20 +50,6 @@ FP8_MAX = 448.0
 SPLITS = ("train", "heldout")
 IDENTITY_KEYS = ("name", "model_type", "num_layers", "hidden_size", "vocab_size", "stream_collapse",
                  "tokenizer_hash", "layer_ids")
-
-
-@dataclass
-class SequenceFeatures:
-    """Everything the trainer needs about one sequence, T tokens, M tapped layers."""
-
-    input_ids_T: torch.Tensor  # long
-    loss_mask_T: torch.Tensor  # bool
-    taps_TMD: torch.Tensor
-    final_TD: torch.Tensor
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SequenceFeatures:
-        return SequenceFeatures(self.input_ids_T.to(device), self.loss_mask_T.to(device),
-                                self.taps_TMD.to(device, dtype), self.final_TD.to(device, dtype))
 
 
 def check_dtype(dtype: str) -> str:
@@ -84,12 +72,6 @@ def decode(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """Float32 values from ``encode``'s output."""
     x = q.float()
     return x if scale is None else x * scale.float().unsqueeze(-1)
-
-
-def bytes_per_token(num_taps: int, hidden: int, dtype: str) -> int:
-    """Bytes one token costs in this cache (see the module docstring)."""
-    b = STORAGE_DTYPES[check_dtype(dtype)].itemsize
-    return 4 + 1 + (num_taps + 1) * hidden * b + ((num_taps + 1) * 4 if dtype == "fp8" else 0)
 
 
 def deepspec_bytes_per_token(num_taps: int, hidden: int) -> int:

@@ -314,14 +314,21 @@ def _split_overrides(overrides: list[str]) -> tuple[Optional[str], list[str]]:
     return recipe, rest
 
 
-def asset_path(name: str) -> str:
-    """`${asset:NAME}` in a recipe: a file shipped in data_tools/assets (found wherever the package is)."""
-    from data_tools.sources import ASSETS_DIR
+ASSET_DIRS: list[Path] = []  # folders of files shipped with a package (data_tools registers its assets/)
 
-    path = ASSETS_DIR / name
-    if not path.exists():
-        raise ConfigError(f"${{asset:{name}}}: no such file in {path.parent}")
-    return str(path)
+
+def register_asset_dir(path: Path) -> None:
+    if path not in ASSET_DIRS:
+        ASSET_DIRS.append(path)
+
+
+def asset_path(name: str) -> str:
+    """`${asset:NAME}` in a recipe: a file shipped in a registered asset folder (found wherever installed)."""
+    for folder in ASSET_DIRS:
+        if (folder / name).exists():
+            return str(folder / name)
+    where = ", ".join(str(d) for d in ASSET_DIRS) or "no asset folder registered: `import data_tools` first"
+    raise ConfigError(f"${{asset:{name}}}: no such file in {where}")
 
 
 OmegaConf.register_new_resolver("asset", asset_path, replace=True)

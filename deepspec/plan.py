@@ -80,7 +80,7 @@ def target_params(config) -> int:
 
 def cache_bytes_per_token(hidden: int, num_taps: int, dtype: str) -> int:
     """Feature-cache bytes per token, as `deepspec data features` writes them (data_tools/cache.py)."""
-    from data_tools.cache import bytes_per_token
+    from deepspec.features import bytes_per_token
 
     return bytes_per_token(num_taps, hidden, dtype)
 

@@ -62,11 +62,11 @@ def _run_stage(name: str, stage_dir: Path, overrides: list[str], upstream: list[
 
 
 def _stage_funcs():
-    from data_tools import commands
-    from deepspec.eval.run import run as eval_run
-    from deepspec.training.train import run as train_run
+    """The stages as the command line runs them (its command table; the data tools are a plugin)."""
+    from deepspec.cli import command_function
 
-    return commands.prompts, commands.regenerate, train_run, eval_run
+    return tuple(command_function(*c) for c in (("data", "prompts"), ("data", "regenerate"), ("train", None),
+                                                  ("eval", None)))
 
 
 def run(cfg: DictConfig) -> dict:

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import data_tools  # noqa: F401  (registers feature sources and shipped assets, as the CLI does)
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -18,19 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-@dataclass
-class SequenceFeatures:
-    """One training sequence with the frozen target's features.
-
-    input_ids_T (long), loss_mask_T (bool; assistant tokens), taps_TMD (tapped target layers,
-    layer order = drafter layer_ids), final_TD (final hidden, post final norm, pre LM head).
-    """
-
-    input_ids_T: Tensor
-    loss_mask_T: Tensor
-    taps_TMD: Tensor
-    final_TD: Tensor
+from deepspec.features import SequenceFeatures
 
 
 def _to(obj, device, dtype):

@@ -48,7 +48,7 @@ def open_sources(cfg: DictConfig, target, layer_ids: list[int]):
     is written by one writer (held-out is None when the input has no held-out sequences)."""
     if not cfg.input:
         raise ValueError("input=PATH is required: a `deepspec data regenerate` output directory or a features cache")
-    from data_tools.features import open_feature_splits
+    from deepspec.features import open_feature_splits
 
     cache_dir = cfg.features.cache_dir
     if cache_dir and cfg.features.source == "hybrid" and world_size() > 1:
