@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from deepspec.choices import Choice
-from deepspec.targets.shapes import TargetShapes
+from deepspec.targets.shapes import TargetShapes, check_taps
 
 
 class Kind(Choice):
@@ -109,13 +109,7 @@ def resolve_spec(spec: DrafterSpec, shapes: TargetShapes) -> DrafterSpec:
         raise ValueError(f"drafter.mask_token_id={spec.mask_token_id} is outside the target vocab "
                          f"[0, {shapes.vocab_size})")
     layer_ids = list(spec.layer_ids) or default_layer_ids(spec.kind, shapes.num_layers, spec.num_taps)
-    # DeepSeek-V4: the final decoder layer's output is the 4-stream mHC residual, before hc_head and the
-    # final norm, and the published V4 DSpark taps it (Flash: [40, 41, 42] of 43 layers)
-    top = shapes.num_layers - (0 if shapes.model_type == "deepseek_v4" else 1)
-    bad = [i for i in layer_ids if not 0 <= i < top]
-    if bad:
-        raise ValueError(f"drafter.layer_ids {bad} are not taps of a {shapes.num_layers}-layer target: "
-                         f"use 0..{top - 1} (the final layer is post-norm, never tap it)")
+    check_taps(shapes, layer_ids)
     if kind_entry(spec).prunes_vocab and spec.draft_vocab_size is not None \
             and not 0 < spec.draft_vocab_size <= shapes.vocab_size:
         raise ValueError(f"drafter.draft_vocab_size={spec.draft_vocab_size} must lie in (0, {shapes.vocab_size}]")

@@ -353,3 +353,12 @@ def test_import_dequantises_fp8_blocks_and_packed_fp4_experts(target, tmp_path):
     save_file(state, str(tmp_path / "mtp.safetensors"))
     with pytest.raises(ValueError, match="wq_a"):
         read_mtp_tensors(tmp_path)
+
+
+def test_data_estimate_and_plan_read_a_v4_target_config_the_same_way():
+    from data_tools.commands import target_shapes
+    from deepspec.config import compose
+
+    shapes = target_shapes(compose(["recipe=dspark_v4_flash"]))  # no weights, no hub: the V4-Flash preset
+    assert (shapes.model_type, shapes.num_layers, shapes.hidden_size, shapes.num_streams) == \
+        ("deepseek_v4", 43, 4096, 4)
