@@ -97,7 +97,9 @@ def test_eval_writes_summary_report_plots_and_calibration(tiny_eval, tmp_path):
         b = summary["benchmarks"][name]
         assert b["prompts"] == turns
         assert b["greedy_match"] == 1.0 and b["token_match_rate"] == 1.0
-        assert b["tau"] >= 1.0 and b["speedup"] > 0
+        assert 1.0 <= b["tau"] <= 1 + b["block_size"] and b["speedup"] > 0
+        # tau (accepted + 1 per round) agrees with the acceptance rate and the drafts verified per round
+        assert b["tau"] == pytest.approx(1 + b["acceptance_rate"] * b["drafts_verified_per_round"])
         assert len(b["per_position_acceptance"]) == 3
         assert b["spec_tokens_per_s"] > 0 and b["target_tokens_per_s"] > 0
         assert set(b["round_ms"]) == {"draft", "verify", "other"}
