@@ -242,7 +242,7 @@ def test_cli_pruned_eagle3_takes_the_lm_head_from_the_training_runs_target(tiny_
 
     from deepspec.config import compose
     from deepspec.export.run import run
-    from tests.conftest import TINY
+    from tests.tiny import SIZES as TINY
 
     drafter, target = make(tiny_target, "eagle3", family="llama", draft_vocab_size=64)
     run_dir = tmp_path / "run"
@@ -270,7 +270,7 @@ def test_smollm2_recipe_drafters_export_for_vllm_and_sglang(recipe, tmp_path):
     from deepspec.config import compose, section
     from deepspec.drafters import build_drafter
     from deepspec.export.drafter import export_drafter
-    from tests.conftest import make_tiny_target
+    from tests.tiny import tiny_target as make_tiny_target
 
     target = make_tiny_target("llama")
     spec = section(compose([f"recipe={recipe}"]), "drafter")

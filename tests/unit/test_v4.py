@@ -20,7 +20,7 @@ from deepspec.drafters.v4 import V4DraftLayer, V4DSparkDrafter, v4_config
 from deepspec.export.v4 import NO_SINK, export_v4, import_v4
 from deepspec.plan import cache_bytes_per_token, capacity_plan, model_state_bytes
 from deepspec.targets.shapes import shapes_from_hf_config
-from tests.conftest import make_tiny_target
+from tests.tiny import tiny_target as make_tiny_target
 
 K = 5
 TAPS = [2, 3, 4]
@@ -242,7 +242,7 @@ def test_import_of_a_published_style_checkpoint_uses_its_config(target, tmp_path
     (tmp_path / "deepspec_v4.json").unlink()
     from transformers import AutoConfig
 
-    from tests.conftest import TINY
+    from tests.tiny import SIZES as TINY
     cfg = AutoConfig.for_model("deepseek_v4", **TINY["deepseek_v4"]).to_dict()
     cfg.update(json.loads((tmp_path / "dspark_config.json").read_text()))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
