@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from deepspec.atomic import atomic_write_text
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -40,10 +42,7 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _jsonable(x: Any) -> Any:
