@@ -2,8 +2,10 @@
 
 Every command composes one Hydra config: a recipe from `recipes/` (a complete primary
 config built from the groups in `configs/`) plus `key=value` overrides. The dataclasses
-below are the schema: the composed config is merged into them, so a misspelled key or a
-wrong type fails at compose time with the closest valid keys named.
+below are the schema: the composed config is merged into them, so a misspelled key, a wrong
+type or a value outside an enumeration (deepspec/choices.py) fails at compose time with the
+closest valid key or value named; `deepspec.config_checks` then checks the whole config
+(ranges, consistency, the drafter kind's rules) before any command loads a model.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ class RootConfig:
     description: str = ""
     output_dir: str = "runs/${recipe}"  # deterministic: never a timestamp resolved per rank
     input: Optional[str] = None  # previous stage's output_dir (or a file)
-    draft: Optional[str] = None  # a checkpoint directory written by `train`
+    draft: Optional[str] = None  # a run directory written by `train` (its final checkpoint) or a checkpoint
     init_from: Optional[str] = None  # warm start: drafter weights only, no optimizer state
     resume: str = "none"  # none | auto | PATH
     format: Optional[ExportFormat] = None  # export format

@@ -71,7 +71,8 @@ def test_eval_writes_summary_report_plots_and_calibration(tiny_eval, tmp_path):
 
 def test_calibrate_stores_sts_with_the_drafter_and_eval_uses_it(tiny_eval, tmp_path):
     base, draft = tiny_eval
-    common = [*base, f"draft={draft}", "eval.benchmarks=[gsm8k]", "eval.max_prompts=2", "eval.max_new_tokens=6",
+    common = [*base, f"draft={draft}", "eval.benchmarks=[gsm8k]", "eval.max_prompts=2",
+              "eval.max_new_tokens=6",
               "eval.warmup=false", "eval.progress=false"]
     assert run_cli(["eval", "calibrate", *common, f"output_dir={tmp_path / 'C'}"]) == 0
     sts = json.loads((Path(draft) / "sts.json").read_text())

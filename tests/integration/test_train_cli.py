@@ -32,8 +32,8 @@ def _write_regenerated(folder, n_train=10, n_heldout=2):
 
 def _args(R, out, *extra):
     return ["train", "recipe=dspark_smollm2", f"input={R}", f"output_dir={out}",
-            *cli_overrides("chat", name="tiny-llama", hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                           head_dim=8, max_position_embeddings=512),
+            *cli_overrides("chat", name="tiny-llama", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=6, head_dim=8, max_position_embeddings=512),
             "drafter.num_layers=1", "drafter.markov_rank=8", "drafter.anchors_per_seq=8", "trainer.global_batch=4",
             "trainer.micro_batch=2", "trainer.eval_every=2", "trainer.save_every=2", "trainer.progress=false",
             *extra]

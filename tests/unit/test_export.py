@@ -78,7 +78,8 @@ def test_engine_layer_id_conventions():
 # - vLLM (v1/worker/gpu/spec_decode/eagle/eagle3_utils.py, get_eagle3_aux_layers_from_config): Eagle3's
 #   eagle_aux_hidden_state_layer_ids are used as they are, and the Llama target records the input of
 #   layer j (model_executor/models/llama.py, aux_hidden_state_layers) -> hidden_states[id];
-#   dflash_config.target_layer_ids get "+ 1 to convert DFlash's aux layer id semantics" -> hidden_states[id + 1].
+#   dflash_config.target_layer_ids get "+ 1 to convert DFlash's aux layer id semantics"
+#   -> hidden_states[id + 1].
 # - SGLang (srt/models/llama.py set_eagle3_layers_to_capture, qwen3.py set_dflash_layers_to_capture) adds 1
 #   to explicit ids for both -> hidden_states[id + 1].
 # deepspec taps [1, 2, 4] (outputs of layers 1, 2, 4) are hidden_states[2], [3], [5].
