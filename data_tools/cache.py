@@ -12,14 +12,19 @@ A shard (safetensors) holds S sequences, N tokens in total, sequences back to ba
     input_ids  int32 [N]
     loss_mask  uint8 [N]      1 = assistant token (supervised)
     taps       [N, M, D]      tapped layers, storage dtype
-    final      [N, D]         final hidden state (post norm, pre LM head), storage dtype
-    taps_scale fp32 [N, M], final_scale fp32 [N]   (fp8 only)
+    final      [N, D]         final hidden state (post norm, pre LM head), final dtype
+    taps_scale fp32 [N, M]    (fp8 only)
 
 Storage dtypes: fp32, bf16, fp16, fp8 (e4m3, one fp32 scale per token per layer: x ≈
-q * scale with scale = max|x| / 448 over the row's D values). Bytes per token
-(``bytes_per_token``): 4 (id) + 1 (mask) + (M+1)·D·b (+ (M+1)·4 for fp8 scales); the
-per-sequence seq_index/offsets (16 bytes a sequence) are left out. DeepSpec's published
-layout costs 6 + 2·D·(M+1) in bf16.
+q * scale with scale = max|x| / 448 over the row's D values). The final hidden state is
+kept at 16 bits or more whatever the taps use (``final_dtype``: bf16 when the taps are
+fp8): it is where the target distribution p_t comes from, and fp8 rounding of it moves
+p_t by a mean total variation of ~0.02 and flips its argmax at a few % of positions (an
+order of magnitude more than bf16; benchmarks/protocol_ablation.py). Caches written
+before this rule (fp8 ``final`` with a ``final_scale`` row, no ``final_dtype`` in the
+identity) are still read. Bytes per token (``bytes_per_token``): 4 (id) + 1 (mask) +
+M·D·b + D·b_final (+ M·4 for fp8 scales); the per-sequence seq_index/offsets (16 bytes a
+sequence) are left out. DeepSpec's published layout costs 6 + 2·D·(M+1) in bf16.
 
 The manifest lists, per shard: file, sha256, bytes, and per sequence its number, token
 count and split, so the reader builds its index without touching a shard. Shards are
@@ -40,7 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deepspec.features import SequenceFeatures, bytes_per_token  # noqa: F401  (re-exported)
+from deepspec.features import SequenceFeatures, bytes_per_token, final_dtype  # noqa: F401  (re-exported)
 
 FORMAT = "deepspec-features/1"
 MANIFEST = "manifest.json"
@@ -102,7 +107,7 @@ class EncodedSequence:
     @classmethod
     def from_features(cls, f: SequenceFeatures, dtype: str) -> EncodedSequence:
         taps, taps_scale = encode(f.taps_TMD, dtype)
-        final, final_scale = encode(f.final_TD, dtype)
+        final, final_scale = encode(f.final_TD, final_dtype(dtype))
         return cls(f.input_ids_T.cpu(), f.loss_mask_T.cpu(), taps.cpu(), final.cpu(),
                    None if taps_scale is None else taps_scale.cpu(),
                    None if final_scale is None else final_scale.cpu())
@@ -125,11 +130,11 @@ def write_shard(path: Path, seq_index: list[int], splits: list[str], seqs: list[
                "taps": torch.cat([s.taps_TMD for s in seqs]).contiguous(),
                "final": torch.cat([s.final_TD for s in seqs]).contiguous()}
     if dtype == "fp8":
-        tensors.update(taps_scale=torch.cat([s.taps_scale_TM for s in seqs]).contiguous(),
-                       final_scale=torch.cat([s.final_scale_T for s in seqs]).contiguous())
+        tensors["taps_scale"] = torch.cat([s.taps_scale_TM for s in seqs]).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "dtype": dtype})
+    save_file(tensors, str(tmp),
+              metadata={"format": FORMAT, "dtype": dtype, "final_dtype": final_dtype(dtype)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -187,6 +192,8 @@ class FeatureCache:
         if expect:
             check_identity(str(self.path), self.identity, expect)
         self.dtype: str = self.identity["storage_dtype"]
+        # caches written before fp8 kept the final hidden state at 16 bits stored it in the taps' dtype
+        self.final_dtype: str = self.identity.get("final_dtype") or self.dtype
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self._where: dict[int, tuple[int, int, int]] = {}  # seq -> (shard, token start, token end)
         self.splits: dict[int, str] = {}
@@ -241,3 +248,23 @@ class FeatureCache:
 
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
         return [self[i] for i in indices]
+
+    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]:
+        """Token ids under the loss mask of sequences ``indices`` (long), read from each shard's id and
+        mask columns only: no feature is decoded, no target runs."""
+        missing = [i for i in indices if i not in self._where]
+        if missing:
+            raise IndexError(f"sequences {missing[:5]} are not in feature cache {self.path} "
+                             f"({len(self)} sequences)")
+        by_shard: dict[int, list[int]] = {}
+        for i in indices:
+            by_shard.setdefault(self._where[i][0], []).append(i)
+        out: dict[int, torch.Tensor] = {}
+        for k, seqs in by_shard.items():
+            self._verify(k)
+            with safe_open(str(self.path / self.shards[k]["file"]), framework="pt") as f:
+                ids, mask = f.get_tensor("input_ids"), f.get_tensor("loss_mask").bool()
+            for i in seqs:
+                _, a, b = self._where[i]
+                out[i] = ids[a:b][mask[a:b]].long()
+        return [out[i] for i in indices]

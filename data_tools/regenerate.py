@@ -11,7 +11,11 @@ row keeps its split) or one JSON Lines file (canonical rows, or any format
 ``data_tools.prompts.normalise_row`` reads; a row's ``split`` field is kept, default
 ``train``). ``max_rows`` keeps the first rows in that order.
 
-Accounting: every input row ends as exactly one of ``success`` / ``error`` / ``skipped``.
+Accounting: every input row ends as exactly one of ``success`` / ``truncated`` / ``error`` /
+``skipped``. ``truncated``: the conversation was regenerated but at least one assistant turn hit
+``max_new_tokens`` (or the room left under ``max_seq_len``) before its end-of-turn token;
+``meta.regen.finish_reasons`` says which (``length``). Its text trains the drafter, but the
+tokenizer supervises no end-of-turn token after a cut turn (the target never chose to stop there).
 Skipped reasons: ``bad_json``, the ``normalise_row`` drop reasons (e.g. ``no_user_turn``),
 ``prompt_too_long`` (the first prompt leaves no room under ``max_seq_len``). A later turn
 that no longer fits ends the conversation after the last answered turn
@@ -47,7 +51,8 @@ from data_tools.prompts import normalise_row
 OUTPUT_FILE = "regenerated.jsonl"
 JOURNAL_FILE = "journal.jsonl"
 STATE_FILE = "regen_state.json"
-STATUSES = ("success", "error", "skipped")
+STATUSES = ("success", "truncated", "error", "skipped")
+TRAINABLE = ("success", "truncated")  # rows whose messages are the regenerated conversation
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ class RowResult:
     """What an engine reports for one row."""
 
     index: int
-    status: str  # success | error | skipped
+    status: str  # success | error | skipped (output_row turns a success with a cut turn into truncated)
     messages: list[dict[str, Any]] | None = None  # the regenerated conversation (success)
     reason: str | None = None  # skip reason or error message
     new_tokens: int = 0
@@ -210,8 +215,11 @@ def output_row(row: InputRow, result: RowResult, regen_meta: dict[str, Any]) -> 
     meta = dict(row.meta)
     meta["regen"] = dict(regen_meta, new_tokens=result.new_tokens, finish_reasons=result.finish_reasons,
                          turns_dropped=result.turns_dropped)
+    status = result.status
+    if status == "success" and "length" in result.finish_reasons:
+        status = "truncated"
     out = {"index": row.index, "id": row.id, "split": row.split, "source": row.source,
-           "status": result.status, "messages": result.messages if result.status == "success" else row.messages,
+           "status": status, "messages": result.messages if status in TRAINABLE else row.messages,
            "meta": meta}
     if result.reason is not None:
         out["reason" if result.status == "skipped" else "error"] = result.reason
@@ -265,19 +273,21 @@ def _summary(rows: list[InputRow], final: list[dict[str, Any]], resumed: int, ne
                            f"{dict(status)} results; delete {output_dir / JOURNAL_FILE} and rerun")
     skipped = Counter(r.get("reason", "?") for r in final if r["status"] == "skipped")
     errors = [{"id": r["id"], "error": r.get("error")} for r in final if r["status"] == "error"][:10]
-    splits = Counter(r["split"] for r in final if r["status"] == "success")
-    return {"input_rows": len(rows), "success": status["success"], "error": status["error"],
-            "skipped": status["skipped"], "skipped_by_reason": dict(skipped), "error_samples": errors,
+    splits = Counter(r["split"] for r in final if r["status"] in TRAINABLE)
+    return {"input_rows": len(rows), "success": status["success"], "truncated": status["truncated"],
+            "error": status["error"], "skipped": status["skipped"], "skipped_by_reason": dict(skipped),
+            "error_samples": errors,
             "resumed_rows": resumed, "new_tokens": new_tokens, "elapsed_s": round(elapsed, 2),
             "tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 else None,
-            "success_by_split": dict(splits), "engine": fingerprint["engine"],
+            "trainable_by_split": dict(splits), "engine": fingerprint["engine"],
             "sampling": fingerprint["sampling"], "output": str(output_dir / OUTPUT_FILE)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     s = summary
-    lines = [f"rows {s['input_rows']}: success {s['success']}, error {s['error']}, skipped {s['skipped']}"
-             f" {s['skipped_by_reason'] or ''} (resumed {s['resumed_rows']})",
+    lines = [f"rows {s['input_rows']}: success {s['success']}, truncated {s['truncated']}, "
+             f"error {s['error']}, skipped {s['skipped']} {s['skipped_by_reason'] or ''} "
+             f"(resumed {s['resumed_rows']})",
              f"new tokens {s['new_tokens']} in {s['elapsed_s']} s ({s['tokens_per_s']} tok/s)",
              f"output: {s['output']}"]
     lines += [f"error {e['id']}: {e['error']}" for e in s["error_samples"][:3]]

@@ -62,6 +62,13 @@ class Schedule(Choice):
     constant = "constant"
 
 
+class Eagle3Normalise(Choice):
+    """How Eagle3's loss is averaged."""
+
+    sequence = "sequence"  # mean per sequence, then over sequences (the reference trainer's)
+    token = "token"  # mean over every supervised token of the step (long answers weigh more)
+
+
 class Precision(Choice):
     auto = "auto"  # bf16 on GPU, fp32 on CPU
     bf16 = "bf16"

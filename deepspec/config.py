@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from deepspec.choices import (
     BlockLayout,
     BudgetScheduler,
+    Eagle3Normalise,
     ExportFormat,
     FeatureMode,
     Precision,
@@ -62,7 +63,12 @@ class LossConfig:
     alpha_ce: float = 0.1
     alpha_tv: float = 0.9
     alpha_conf: float = 1.0
-    gamma_w: Optional[float] = None  # position decay exp(-(k-1)/gamma_w); None = block size (paper)
+    # DFlash/DSpark position weights w_k = exp(-(k-1)/gamma_w), k = 1..block_size. 4.0 is the reference
+    # trainer's constant (w_7 = 0.22 for an 8-slot block); None = the block size (the paper's text).
+    gamma_w: Optional[float] = 4.0
+    # Eagle3 loss: sequence = mean per sequence, then over sequences (the reference's; a token mean
+    # lets long answers dominate) | token = mean over every supervised token of the step
+    eagle3_normalise: Eagle3Normalise = Eagle3Normalise.sequence
     vocab_chunk: int = 16384  # LM head + losses are computed in vocabulary chunks of this size
     keep_probs_mb: float = 0.0  # DFlash/DSpark: keep probabilities for backward when they fit (CPU: ~2x faster)
 

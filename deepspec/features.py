@@ -41,8 +41,8 @@ class SequenceFeatures:
 
 
 class FeatureSource(Protocol):
-    """What the trainer reads. Optional extras a source may offer: `flush()` (write computed features
-    before a checkpoint or a new epoch) and `token_ids(indices)` (token ids without running the target)."""
+    """What the trainer reads. A source may also offer `flush()` (write computed features before a
+    checkpoint or a new epoch)."""
 
     identity: dict[str, Any]  # target, taps, storage dtype and max length the features belong to
 
@@ -50,13 +50,25 @@ class FeatureSource(Protocol):
 
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]: ...
 
+    def supervised_tokens(self, indices: list[int]) -> list[Tensor]:
+        """The supervised (assistant) token ids of those sequences, without running the target."""
+        ...
 
-def bytes_per_token(num_taps: int, hidden: int, dtype: str) -> int:
-    """Bytes one token costs in a feature cache: id (4) + mask (1) + (M+1)·D values (+ fp8 scales)."""
+
+def final_dtype(dtype: str) -> str:
+    """Storage dtype of the final hidden state when the taps are stored as `dtype`: at least 16 bits,
+    because the target distribution p_t is computed from it (fp8 taps keep a bf16 final state)."""
     if dtype not in STORAGE_BYTES:
         raise ValueError(f"features.dtype={dtype!r}; choose one of {sorted(STORAGE_BYTES)}")
-    scales = (num_taps + 1) * 4 if dtype == "fp8" else 0
-    return 4 + 1 + (num_taps + 1) * hidden * STORAGE_BYTES[dtype] + scales
+    return "bf16" if dtype == "fp8" else dtype
+
+
+def bytes_per_token(num_taps: int, hidden: int, dtype: str) -> int:
+    """Bytes one token costs in a feature cache: id (4) + mask (1) + M·D tap values + D final values
+    (+ one fp32 scale per tap for fp8)."""
+    final = STORAGE_BYTES[final_dtype(dtype)]
+    scales = num_taps * 4 if dtype == "fp8" else 0
+    return 4 + 1 + num_taps * hidden * STORAGE_BYTES[dtype] + hidden * final + scales
 
 
 _PROVIDER: Optional[str] = None  # "module:function" implementing open_feature_splits

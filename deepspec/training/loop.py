@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from deepspec.drafters.packing import Eagle3Batch, PackedBatch, SequenceFeatures, batch_sequences, pack_blocks
 from deepspec.drafters.registry import kind_entry
 from deepspec.drafters.spec import DrafterSpec
-from deepspec.losses import block_tau, distill_losses, eagle_soft_ce, position_weights
+from deepspec.losses import block_tau, distill_losses, eagle3_row_weights, eagle_soft_ce, position_weights
 from deepspec.training.distributed import all_reduce_sum
 
 Batch = Union[PackedBatch, Eagle3Batch]
@@ -50,11 +50,6 @@ def make_batch(seqs: list[SequenceFeatures], spec: DrafterSpec, seed: int, devic
     return batch.to(device, dtype)
 
 
-def supervised_weight(batch: Batch, weights_K: Tensor) -> Tensor:
-    """Sum of position weights over supervised positions: the loss normaliser's share of this batch."""
-    return (batch.valid_NK.float() * weights_K.to(batch.valid_NK.device)).sum()
-
-
 @dataclass
 class LossParts:
     """Weighted sums for one micro-batch (loss_sum differentiable, the rest detached)."""
@@ -73,8 +68,10 @@ class DraftLoss(nn.Module):
     """The drafter plus its distillation loss; the frozen LM head is a plain attribute, not a parameter."""
 
     def __init__(self, drafter: nn.Module, lm_head_weight_VD: Tensor, weights_K: Tensor, alpha_ce: float,
-                 alpha_tv: float, alpha_conf: float, vocab_chunk: int, keep_probs_mb: float = 0.0):
+                 alpha_tv: float, alpha_conf: float, vocab_chunk: int, keep_probs_mb: float = 0.0,
+                 eagle3_per_sequence: bool = True):
         super().__init__()
+        self.eagle3_per_sequence = eagle3_per_sequence  # Eagle3: per-sequence (True) or token mean
         self.drafter = drafter
         self.parallel_blocks = kind_entry(drafter).parallel_blocks
         object.__setattr__(self, "lm_head_weight_VD", lm_head_weight_VD.detach())
@@ -92,11 +89,12 @@ class DraftLoss(nn.Module):
         w = self.weights_K
         if not self.parallel_blocks:  # Eagle3: soft CE against the target over the (pruned) draft vocabulary
             draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
+            w_NK = self.row_weights(batch)
             loss, wsum, accept, correct = eagle_soft_ce(
-                out.hidden_NKD, draft_head, batch.target_hidden_NKD, self.lm_head_weight_VD, batch.valid_NK, w,
-                out.draft_to_target_v, self.vocab_chunk)
+                out.hidden_NKD, draft_head, batch.target_hidden_NKD, self.lm_head_weight_VD, batch.valid_NK,
+                w_NK, out.draft_to_target_v, self.vocab_chunk)
             valid = batch.valid_NK.bool()
-            tv = (w * 2 * (1 - accept) * valid).sum()
+            tv = (w_NK * 2 * (1 - accept) * valid).sum()
             return LossParts(loss, loss.detach(), tv, tv.new_zeros(()), wsum, accept, correct, valid)
         a_ce, a_tv, a_conf = self.alphas
         r = distill_losses(out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD, batch.labels_NK,
@@ -104,6 +102,13 @@ class DraftLoss(nn.Module):
                            a_ce, a_tv, a_conf, self.vocab_chunk, keep_probs_mb=self.keep_probs_mb)
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
+
+    def row_weights(self, batch: Batch) -> Tensor:
+        """Loss weight of each (row, position) of `batch` [N, K]; zero where unsupervised."""
+        if not self.parallel_blocks:  # Eagle3
+            return eagle3_row_weights(batch.valid_NK, self.weights_K, batch.input_ids_BT.shape[1],
+                                      self.eagle3_per_sequence)
+        return batch.valid_NK.float() * self.weights_K.to(batch.valid_NK.device)
 
 
 def astuple_shallow(parts: LossParts) -> tuple[Tensor, ...]:
@@ -144,7 +149,7 @@ class Tally:
 def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int) -> dict:
     """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree)."""
     device = next(engine.module.parameters()).device
-    local_w = sum(supervised_weight(b, weights_K) for b in batches)
+    local_w = sum(engine.module.row_weights(b).sum() for b in batches)
     global_w = float(all_reduce_sum(torch.as_tensor(local_w, dtype=torch.float64, device=device)))
     if global_w <= 0:
         raise ValueError("this optimizer step has no supervised positions on any rank: check the loss masks")

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from deepspec.choices import Eagle3Normalise
 from deepspec.config import section
 from deepspec.drafters import build_drafter, kind_entry, resolve_spec
 from deepspec.runs import format_table, print0, rank, world_size
@@ -80,12 +81,13 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         ckpt.load_weights(drafter, cfg.init_from)
         print0(f"[train] init_from={cfg.init_from}: drafter weights loaded (fresh optimizer, step 0)")
     elif kind_entry(spec).prunes_vocab and spec.draft_vocab_size is not None:
-        set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size)
+        set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size, heldout_source)
     if tr.activation_checkpointing:
         apply_activation_checkpointing(drafter)
     weights_K = loss_weights(spec, cfg.loss.gamma_w)
     model = DraftLoss(drafter, target.lm_head_weight, weights_K, cfg.loss.alpha_ce, cfg.loss.alpha_tv,
-                      cfg.loss.alpha_conf, cfg.loss.vocab_chunk, cfg.loss.keep_probs_mb).to(env.device)
+                      cfg.loss.alpha_conf, cfg.loss.vocab_chunk, cfg.loss.keep_probs_mb,
+                      eagle3_per_sequence=cfg.loss.eagle3_normalise == Eagle3Normalise.sequence).to(env.device)
 
     ds = section(cfg, "deepspeed")
     ds_config = deepspeed_json(ds, tr, grad_accum, env.world_size, bf16)
@@ -212,19 +214,27 @@ def run_fingerprint(cfg: DictConfig, spec, target, bf16: bool) -> dict:
     }
 
 
-def set_eagle3_vocab(drafter, source, vocab_size: int, n_keep: int, max_sequences: int = 4096) -> None:
-    """Eagle3 pruned vocabulary from token frequencies of the training data (the first sequences)."""
-    from deepspec.drafters.eagle3 import build_vocab_map, count_tokens
+def set_eagle3_vocab(drafter, source, vocab_size: int, n_keep: int, heldout=None) -> dict:
+    """Eagle3 pruned vocabulary: the `n_keep` tokens most frequent over every supervised token of the
+    training source, read from token ids (no target forward). Returns the token count and coverages."""
+    from deepspec.drafters.eagle3 import build_vocab_map, count_supervised_tokens, vocab_coverage
 
-    read = getattr(source, "token_ids", None)
-    n = min(len(source), max_sequences if read else 64)  # without token_ids, counting costs target forwards
-    ids = []
-    for i in range(0, n, 16):
-        chunk = list(range(i, min(i + 16, n)))
-        ids += read(chunk) if read else [s.input_ids_T for s in source.get_batch(chunk)]
-    d2t, t2d = build_vocab_map(count_tokens(ids, vocab_size), n_keep)
+    t0 = time.perf_counter()
+    counts = count_supervised_tokens(source, vocab_size)
+    if int(counts.sum()) == 0:
+        raise ValueError("the training data has no supervised token: Eagle3's draft vocabulary cannot be "
+                         "counted (check the loss masks of the input)")
+    d2t, t2d = build_vocab_map(counts, n_keep)
     drafter.set_vocab_map(d2t, t2d)
-    print0(f"[train] Eagle3 draft vocabulary: {n_keep} most frequent of {vocab_size} tokens over {n} sequences")
+    info = {"sequences": len(source), "tokens": int(counts.sum()),
+            "train_coverage": vocab_coverage(counts, t2d)}
+    if heldout is not None and len(heldout) and hasattr(heldout, "supervised_tokens"):
+        info["heldout_coverage"] = vocab_coverage(count_supervised_tokens(heldout, vocab_size), t2d)
+    held = f", held-out {info['heldout_coverage']:.2%}" if "heldout_coverage" in info else ""
+    print0(f"[train] Eagle3 draft vocabulary: {n_keep} most frequent of {vocab_size} tokens over "
+           f"{info['tokens']:,} supervised tokens of {len(source)} sequences "
+           f"({time.perf_counter() - t0:.1f} s); coverage: train {info['train_coverage']:.2%}{held}")
+    return info
 
 
 def apply_activation_checkpointing(drafter) -> None:
