@@ -34,7 +34,6 @@ written to a temporary file and renamed; each is checked against its sha256 on o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deepspec.atomic import file_sha256  # noqa: F401  (re-exported)
 from deepspec.features import SequenceFeatures, bytes_per_token, final_dtype  # noqa: F401  (re-exported)
 
 FORMAT = "deepspec-features/1"
@@ -54,7 +54,7 @@ STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 FP8_MAX = 448.0
 SPLITS = ("train", "heldout")
 IDENTITY_KEYS = ("name", "model_type", "num_layers", "hidden_size", "vocab_size", "stream_collapse",
-                 "tokenizer_hash", "layer_ids")
+                 "tokenizer_hash", "layer_ids", "weights")
 
 
 def check_dtype(dtype: str) -> str:
@@ -82,14 +82,6 @@ def decode(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 def deepspec_bytes_per_token(num_taps: int, hidden: int) -> int:
     """DeepSpec's published cache cost per token (bf16): 6 + 2·d·(m+1)."""
     return 6 + 2 * hidden * (num_taps + 1)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -159,7 +151,14 @@ def write_manifest(folder: Path, identity: dict[str, Any], fingerprint: dict[str
 
 def check_identity(where: str, have: dict[str, Any], want: dict[str, Any]) -> None:
     """Raise ValueError naming both sides when ``have`` (a cache) does not fit ``want`` (the run)."""
+    from deepspec.guards import weights_mismatch
+
     diff = {k: (have.get(k), want[k]) for k in IDENTITY_KEYS if k in want and have.get(k) != want[k]}
+    if set(diff) == {"weights"}:  # same target by name and shapes, other weights
+        problem = weights_mismatch(f"feature cache at {where}", have, want)
+        if problem:
+            raise ValueError(problem)
+        return
     if diff:
         raise ValueError(
             f"feature cache at {where} was built for target {have.get('name')} (tokenizer "
@@ -167,6 +166,21 @@ def check_identity(where: str, have: dict[str, Any], want: dict[str, Any]) -> No
             f"{want.get('name')} (tokenizer {want.get('tokenizer_hash')}, layers {want.get('layer_ids')}); "
             f"differing (cache, run): {diff}. Rebuild it with `deepspec data features` for this target and "
             f"drafter, or point input= at a matching cache")
+
+
+def shard_path(folder: Path, name: str) -> Path:
+    """``folder / name`` for a manifest's shard entry, refused unless it stays inside ``folder``
+    (a relative path without ``..``): a manifest cannot make the reader open other files."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"feature cache {folder}: {MANIFEST} names shard {name!r}, a path outside the cache "
+                         f"folder; shard paths are relative to it (shards/shard-NNNNN.safetensors). The manifest "
+                         f"was edited or not written by deepspec: rebuild the cache with `deepspec data features`")
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"feature cache {folder}: shard {name!r} resolves outside the cache folder (a symbolic "
+                         f"link?); rebuild the cache with `deepspec data features`")
+    return path
 
 
 class FeatureCache:
@@ -195,6 +209,8 @@ class FeatureCache:
         # caches written before fp8 kept the final hidden state at 16 bits stored it in the taps' dtype
         self.final_dtype: str = self.identity.get("final_dtype") or self.dtype
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        for shard in self.shards:
+            shard_path(self.path, shard["file"])
         self._where: dict[int, tuple[int, int, int]] = {}  # seq -> (shard, token start, token end)
         self.splits: dict[int, str] = {}
         for k, shard in enumerate(self.shards):
@@ -221,7 +237,7 @@ class FeatureCache:
         if self._verified[k]:
             return
         shard = self.shards[k]
-        file = self.path / shard["file"]
+        file = shard_path(self.path, shard["file"])
         if not file.exists():
             raise FileNotFoundError(f"feature cache {self.path}: shard {file} is missing; rebuild the cache")
         got = file_sha256(file)
@@ -236,7 +252,7 @@ class FeatureCache:
             raise IndexError(f"sequence {i} is not in feature cache {self.path} ({len(self)} sequences)")
         k, a, b = self._where[i]
         self._verify(k)
-        with safe_open(str(self.path / self.shards[k]["file"]), framework="pt") as f:
+        with safe_open(str(shard_path(self.path, self.shards[k]["file"])), framework="pt") as f:
             names = set(f.keys())
 
             def part(name: str) -> torch.Tensor:

@@ -40,8 +40,10 @@ def prompts(cfg) -> dict[str, Any]:
 
 def regenerate(cfg) -> dict[str, Any]:
     """Regenerate every assistant turn of input=PATH (a prompts folder or a JSONL file) with the
-    target: regen.engine=hf (the target's own model) or openai (regen.urls). Resumable: rerun the
-    same command after an interruption. Writes output_dir/regenerated.jsonl."""
+    target: regen.engine=hf (the target's own model) or openai (regen.urls; the API key is read from
+    the environment variable regen.api_key_env, OPENAI_API_KEY by default, and never written).
+    Resumable: rerun the same command after an interruption; rows that failed are retried.
+    Writes output_dir/regenerated.jsonl."""
     from data_tools.regenerate import SamplingSettings, format_summary, run_regeneration
 
     r = cfg.regen
@@ -49,21 +51,27 @@ def regenerate(cfg) -> dict[str, Any]:
                                 top_k=r.top_k, thinking=r.thinking, max_turns=r.max_turns,
                                 max_seq_len=cfg.data.max_seq_len, seed=r.seed)
     input_path = _input(cfg)
+    provenance = None
     if r.engine == "hf":
         from data_tools.hf_engine import HFEngine
         from deepspec.targets import target_from_config
 
-        engine = HFEngine(target_from_config(cfg), settings, batch_size=r.batch_size,
-                          window_batches=r.window_batches)
+        target = target_from_config(cfg)
+        engine = HFEngine(target, settings, batch_size=r.batch_size, window_batches=r.window_batches)
+        provenance = {"target_source": target.source}
     elif r.engine == "openai":
-        from data_tools.openai_engine import OpenAIEngine
+        from data_tools.openai_engine import OpenAIEngine, api_key_from_env
 
-        engine = OpenAIEngine(list(r.urls), r.model or cfg.target.name, settings, api_key=r.api_key,
+        engine = OpenAIEngine(list(r.urls), r.model or cfg.target.name, settings,
+                              api_key=r.api_key or api_key_from_env(r.api_key_env),
                               concurrency=r.concurrency, retries=r.retries, timeout_s=r.timeout_s,
                               backoff_s=r.backoff_s)
+        provenance = {"urls": list(r.urls)}
     else:
         raise ValueError(f"regen.engine={r.engine!r}; choose hf or openai")
-    summary = run_regeneration(input_path, cfg.output_dir, engine, settings, max_rows=cfg.data.max_rows)
+    summary = run_regeneration(input_path, cfg.output_dir, engine, settings, max_rows=cfg.data.max_rows,
+                               retry_failed=r.retry_failed, max_error_fraction=r.max_error_fraction,
+                               provenance=provenance)
     print0(format_summary(summary))
     return summary
 

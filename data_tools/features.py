@@ -50,6 +50,7 @@ from data_tools.cache import (
 from data_tools.jsonl import atomic_write_text
 from data_tools.tokenize import ChatSequence, load_sequences, template_hash
 from deepspec.features import FeatureSource  # noqa: F401  (the interface these sources implement)
+from deepspec.runs import run_started
 
 STATE_FILE = "features_state.json"
 
@@ -327,6 +328,7 @@ def write_feature_cache(input_path: str | Path, target, layer_ids: Sequence[int]
                 hint = _older_final_rule(old.get("identity") or {}, identity)
                 raise ValueError(f"{out} holds a feature cache built with other input or settings (old, new): "
                                  f"{diff}{hint}; rerun with those settings to resume, or delete {out}")
+    run_started()  # every check passed: the command's config is recorded
     if state_path.exists():
         state = json.loads(state_path.read_text())
     plan = plan_shards([len(s.input_ids) for s in sequences], shard_tokens)

@@ -54,6 +54,8 @@ class TargetConfig:
     random_config: dict[str, Any] = field(default_factory=dict)  # config overrides for random:MODEL_TYPE
     seed: int = 0  # weights seed of random:MODEL_TYPE targets
     chat_template: Optional[str] = None  # replaces the tokenizer's chat template when set
+    # accept caches, journals and drafters recorded for this target name with other weights
+    accept_changed_weights: bool = False
 
 
 @dataclass
@@ -100,13 +102,16 @@ class RegenConfig:
     thinking: bool = False  # passed to chat templates that support enable_thinking
     urls: list[str] = field(default_factory=list)  # OpenAI-compatible servers (engine=openai)
     model: Optional[str] = None  # served model name (engine=openai); None = target.name
-    api_key: Optional[str] = None
+    api_key: Optional[str] = None  # prefer api_key_env: a key given here is never written to config.yaml
+    api_key_env: str = "OPENAI_API_KEY"  # engine=openai: environment variable read at run time
     concurrency: int = 8
     retries: int = 3
     timeout_s: float = 300.0
     max_turns: Optional[int] = None  # regenerate at most this many assistant turns per row
     seed: int = 0  # sampling seed (temperature > 0), per batch / request
     backoff_s: float = 1.0  # engine=openai: retry backoff base (backoff_s * 2**attempt)
+    retry_failed: bool = True  # a rerun retries rows that ended as error (false: they stay final)
+    max_error_fraction: float = 0.1  # more failed rows than this (of rows to regenerate): exit non-zero
     window_batches: int = 4  # engine=hf: rows are sorted by prompt length within batch_size * this
 
 
@@ -242,6 +247,7 @@ class RootConfig:
     draft: Optional[str] = None  # a run directory written by `train` (its final checkpoint) or a checkpoint
     init_from: Optional[str] = None  # warm start: drafter weights only, no optimizer state
     resume: str = "none"  # none | auto | PATH
+    overwrite: bool = False  # train: replace the run in output_dir; export: write into a non-empty folder
     format: Optional[ExportFormat] = None  # export format
     seed: int = 0
     target: TargetConfig = field(default_factory=TargetConfig)

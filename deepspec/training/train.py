@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from deepspec.choices import Eagle3Normalise
 from deepspec.config import section
 from deepspec.drafters import build_drafter, kind_entry, resolve_spec
-from deepspec.runs import format_table, print0, rank, world_size
+from deepspec.guards import redacted
+from deepspec.runs import format_table, print0, rank, run_started, world_size
 from deepspec.training import checkpoint as ckpt
 from deepspec.training.data import eval_plan, plan_step, steps_for_epochs
 from deepspec.training.distributed import (DistEnv, build_engine, deepspeed_json, grad_accum_steps,
@@ -77,8 +78,9 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     torch.manual_seed(cfg.seed)
     drafter = build_drafter(spec, target.shapes)
     drafter.attach_target(target.embed_tokens, target.lm_head_weight)
+    target_id = {**target.identity(), "source": getattr(target, "source", None)}
     if cfg.init_from:
-        ckpt.load_weights(drafter, cfg.init_from)
+        ckpt.load_weights(drafter, cfg.init_from, target=target_id)
         print0(f"[train] init_from={cfg.init_from}: drafter weights loaded (fresh optimizer, step 0)")
     elif kind_entry(spec).prunes_vocab and spec.draft_vocab_size is not None:
         set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size, heldout_source)
@@ -102,6 +104,9 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         print0(f"[train] resumed from {resume_from} at step {state.step}")
     elif cfg.resume == "auto":
         print0(f"[train] resume=auto: no checkpoint under {ckpt.checkpoints_dir(cfg.output_dir)}; starting afresh")
+    if cfg.overwrite and env.is_rank0:
+        ckpt.clear_run(cfg.output_dir)  # every check passed: the previous run goes now
+    run_started()
 
     heldout = heldout_source
     if heldout is None or len(heldout) < env.world_size:
@@ -120,14 +125,14 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
                           "precision": "bf16" if bf16 else "fp32"}]))
 
     logger = RunLogger(cfg.output_dir, env.is_rank0, total_steps, state.step, tr, Path(cfg.output_dir).name,
-                       OmegaConf.to_container(cfg, enum_to_str=True))
+                       redacted(cfg))
 
     def run_eval(step: int) -> dict:
         result = evaluate(engine.module, eval_batches, env.device)
         logger.eval(step, result)
         if state.best_tau is None or result["simulated_tau"] > state.best_tau:
             state.best_tau, state.best_step = result["simulated_tau"], step
-            ckpt.save_best(drafter, cfg.output_dir, step, result["simulated_tau"], env)
+            ckpt.save_best(drafter, cfg.output_dir, step, result["simulated_tau"], env, target=target_id)
         return result
 
     if state.step == 0 and state.initial_tau is None:
