@@ -21,7 +21,7 @@ DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 def check_config(cfg: DictConfig) -> list[str]:
     """Every problem found, each naming its key and what to do (empty when the config is sound)."""
     problems: list[str] = []
-    for check in (_drafter, _target, _trainer, _deepspeed, _data, _loss, _eval):
+    for check in (_drafter, _target, _trainer, _deepspeed, _data, _regen, _loss, _eval):
         try:
             problems += check(cfg)
         except ValueError as exc:
@@ -89,6 +89,16 @@ def _data(cfg: DictConfig) -> list[str]:
             out.append(f"{name}.weights has {len(weights)} entries for {len(sources)} {name}.sources "
                        f"{list(sources)}")
     return out
+
+
+def _regen(cfg: DictConfig) -> list[str]:
+    at_least_one = ("batch_size", "concurrency", "max_new_tokens")
+    rules = {**{k: (lambda v: v >= 1) for k in at_least_one}, "retries": lambda v: v >= 0,
+             "max_error_fraction": lambda v: 0 <= v <= 1, "temperature": lambda v: v >= 0,
+             "top_p": lambda v: 0 < v <= 1}
+    what = {**dict.fromkeys(at_least_one, "at least 1"), "retries": "0 or more",
+            "max_error_fraction": "in [0, 1]", "temperature": "0 (greedy) or more", "top_p": "in (0, 1]"}
+    return _ranges(cfg.regen, "regen", rules, what)
 
 
 def _loss(cfg: DictConfig) -> list[str]:

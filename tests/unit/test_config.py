@@ -81,6 +81,7 @@ def test_a_bad_value_inside_a_recipe_file_is_named_too(tmp_path, monkeypatch):
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage=4; choose 0, 1, 2 or 3"),
     ("target.device=gpu", "target.device=gpu is not a device"),
     ("data.weights=[1.0]", "data.weights has 1 entries for 2 data.sources"),
+    ("regen.max_error_fraction=1.5", "regen.max_error_fraction=1.5 must be in [0, 1]"),
 ])
 def test_cross_field_problems_fail_at_compose(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
