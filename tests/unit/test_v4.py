@@ -259,7 +259,7 @@ def test_import_of_a_published_style_checkpoint_uses_its_config(target, tmp_path
 
 def test_capacity_plan_arithmetic():
     assert cache_bytes_per_token(2560, 5, "bf16") == 5 + 2 * 2560 * 6  # DeepSpec's: 6 + 2·d·(m+1)
-    assert cache_bytes_per_token(4096, 3, "fp8") == 5 + 4096 * 4 + 4 * 4
+    assert cache_bytes_per_token(4096, 3, "fp8") == 5 + 3 * 4096 + 2 * 4096 + 3 * 4  # fp8 taps, bf16 final
     P, W = 1000, 8
     assert [model_state_bytes(P, s, W) for s in range(4)] == [16000, 4000 + 1500, 2000 + 1750, 2000]
     tiny = dict(vocab_size=256, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=6,
