@@ -1,4 +1,4 @@
-"""Evaluation metrics from the engine's round log and timings (SPEC §1).
+"""Evaluation metrics from the engine's round log and timings (docs/algorithms.md).
 
 - tau: tokens committed per round, averaged over rounds: accepted drafts + the correction / bonus
   token, or the accepted drafts alone when an accepted EOS ended the round (no token follows it);

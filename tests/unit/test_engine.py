@@ -257,7 +257,7 @@ def test_deepseek_v4_compressed_cache_rolls_back_by_snapshot_and_replay(tiny_tar
     spec = generate_speculative(target, OracleDrafter(target, K=4, corrupt=0.3), prompts, 20, GREEDY, [])
     assert spec.tokens == base.tokens
     assert len(set(spec.rounds.accepted)) >= 3
-    v4_drafter = make_drafter(target, "dspark", backbone="v4")  # MoE + mHC draft layers (SPEC §7)
+    v4_drafter = make_drafter(target, "dspark", backbone="v4")  # MoE + mHC draft layers (docs/deepseek_v4.md)
     assert generate_speculative(target, v4_drafter, prompts, 20, GREEDY, []).tokens == base.tokens
     with pytest.raises(ValueError, match="batch_size=1"):
         generate_speculative(target, make_drafter(target, "dflash"), prompts * 2, 4, GREEDY, [])
@@ -288,10 +288,10 @@ def test_oracle_drafter_reaches_tau_gamma_plus_one_exactly(tiny_target, gamma):
 def test_bf16_greedy_speculative_output_equals_bf16_target_only():
     """bf16 verification of gamma + 1 rows gives the very numbers of bf16 one-token decoding (batch 1)."""
     from deepspec.targets import load_target
-    from tests.conftest import TINY
+    from tests.tiny import tiny_config
 
-    config = {**TINY["llama"], "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8,
-              "head_dim": 32, "num_key_value_heads": 2}
+    config = tiny_config("llama", hidden_size=256, intermediate_size=1024, num_attention_heads=8, head_dim=32,
+                         num_key_value_heads=2)
     target = load_target("random:llama", dtype="bfloat16", device="cpu", random_config=config,
                          need_tokenizer=False)
     drafter = make_drafter(target, "dspark", K=4).to(torch.bfloat16)
