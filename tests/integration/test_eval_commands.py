@@ -133,4 +133,4 @@ def test_eval_auto_block_size_and_target_dtype_land_in_the_summary(tiny_eval, tm
     assert summary["target_dtype"] == summary["settings"]["target_dtype"] == "float32"
     bad = ["eval", *base, f"draft={draft}", "eval.block_size=seven", f"output_dir={tmp_path / 'B'}"]
     assert run_cli(bad) != 0
-    assert "eval.block_size='seven'; use a positive number of drafts per round" in capsys.readouterr().err
+    assert "eval.block_size=seven must be at least 1, auto or null" in capsys.readouterr().err

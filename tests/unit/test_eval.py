@@ -91,9 +91,8 @@ def test_eval_dtype_auto_picks_bf16_only_where_the_cpu_runs_it_fast():
 
 def test_eval_renders_prompts_with_thinking_off_by_default(capsys):
     """Qwen3-style templates read `enable_thinking`; eval must pass False unless eval.thinking=true."""
-    from deepspec.eval.evaluate import encode_chat
-
     from deepspec.cli import main
+    from deepspec.eval.evaluate import encode_chat
 
     assert main(["eval", "recipe=dspark_smollm2", "--cfg", "job"]) == 0
     job = capsys.readouterr().out
