@@ -179,7 +179,15 @@ class EvalConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 1
-    block_size: Optional[int] = None  # drafted tokens per round (None = the drafter's block size)
+    # drafted tokens per round: an int, None = the drafter's block size, or "auto" = the gamma with the best
+    # expected tokens per unit time from measured round costs and a short acceptance calibration pass
+    block_size: Optional[Any] = None
+    auto_prompts: int = 2  # block_size=auto: calibration prompts, taken after the evaluated ones
+    # target (and drafter) dtype while decoding: target (= target.dtype) | auto (bf16 on CUDA and on CPUs
+    # with AMX/AVX512-BF16, else fp32) | float32 | bfloat16 | float16. Both decoders use it; the summary
+    # records it.
+    target_dtype: str = "target"
+    thinking: bool = False  # chat templates with a thinking switch (Qwen3) render prompts with thinking off
     confidence_threshold: Optional[float] = None  # drop the suffix after the first c_k below this
     thresholds: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     scheduler: BudgetScheduler = BudgetScheduler.none

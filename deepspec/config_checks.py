@@ -112,9 +112,10 @@ def _eval(cfg: DictConfig) -> list[str]:
     from deepspec.eval.benchmarks import SHIPPED_DIR, shipped_benchmarks
 
     ev = cfg.eval
-    out = _ranges(ev, "eval", {"confidence_threshold": lambda v: 0 <= v <= 1, "block_size": lambda v: v >= 1,
+    out = _ranges(ev, "eval", {"confidence_threshold": lambda v: 0 <= v <= 1,
+                               "block_size": lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                                "calibration_fit_fraction": lambda v: 0 < v < 1},
-                  {"confidence_threshold": "in [0, 1]", "block_size": "at least 1",
+                  {"confidence_threshold": "in [0, 1]", "block_size": "at least 1, auto or null",
                    "calibration_fit_fraction": "in (0, 1)"})
     if not all(0 <= t <= 1 for t in ev.thresholds):
         out.append(f"eval.thresholds={list(ev.thresholds)} must all lie in [0, 1]")

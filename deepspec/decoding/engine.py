@@ -15,9 +15,15 @@ Speculative round, per request (anchor x0 = last committed token, not yet read b
   4. commit:  keep the KV entries of x0..x_a (a = accepted), roll back the rest; extend the
               drafter state with the target features of x0..x_a; the correction/bonus token is
               the next anchor.
-The prompt is prefilled without its last token, which becomes the first anchor: every
-generated token then comes out of a verification step (and the distribution test checks the
-very first one).
+The whole prompt is prefilled (as target-only decoding does) and the target's first token,
+drawn from the prefill's last position, is the first anchor: the drafter's first round then
+starts from a generated token at a position where training put anchors, not from the last
+prompt token. The verification kernel is told every EOS id of the target.
+
+Greedy costs. The drafter computes no softmax in greedy mode (`with_probs=False`) and runs its
+LM head only on the rows it drafts (`num_drafts`); the target's session keeps greedy
+verification bit-identical to target-only decoding at batch 1 in any dtype (see
+`deepspec.decoding.target_runner`).
 
 Sampling. Greedy (temperature 0): the drafter proposes argmaxes and the kernel accepts while
 x_k == argmax p_t — output equals target-only greedy decoding token for token. Temperature > 0:
@@ -28,7 +34,8 @@ and the rule min(1, p_t/p_d) is exact for any p_d the tokens were really drawn f
 residual max(0, p_t - p_d) then restores exactly p_t, truncation included.
 
 Timings per round: draft = propose + drafter-state extend; verify = target pass + LM head +
-probabilities + kernel; other = everything else (budgeting, KV commit, bookkeeping).
+probabilities + kernel; other = everything else (budgeting, KV commit, bookkeeping). The
+first token comes from the prefill and is timed with it.
 """
 
 from __future__ import annotations
@@ -139,7 +146,7 @@ def generate_target_only(target: FrozenTarget, prompts: list[list[int]], max_new
     out = session.prefill(prompts)
     lengths_B = torch.tensor([len(p) for p in prompts], device=device)
     last_BD = out.final_BTD[torch.arange(len(prompts), device=device), lengths_B - 1]
-    token_B = next_tokens(target.logits(last_BD), sampling, generator)
+    token_B = next_tokens(session.logits(last_BD), sampling, generator)
     stop = _Stopper(len(prompts), max_new_tokens, eos_ids)
     for b, tok in enumerate(token_B.tolist()):
         stop.push(b, [tok])
@@ -148,7 +155,7 @@ def generate_target_only(target: FrozenTarget, prompts: list[list[int]], max_new
     while stop.any_active():
         t0 = time.perf_counter()
         out = session.step(token_B[:, None])
-        token_B = next_tokens(target.logits(out.final_BTD[:, 0]), sampling, generator)
+        token_B = next_tokens(session.logits(out.final_BTD[:, 0]), sampling, generator)
         session.commit(torch.ones_like(token_B))
         for b, tok in enumerate(token_B.tolist()):
             stop.push(b, [tok])
@@ -225,31 +232,34 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
     device = target.device
     B = len(prompts)
     eos_list = sorted(set(int(e) for e in eos_ids))
-    kernel_eos = eos_list[0] if len(eos_list) == 1 else None  # other EOS ids are caught by the stopper
     timings, log = Timings(), RoundLog()
     start = time.perf_counter()
 
-    # prefill everything but the last prompt token, which is the first anchor
+    # prefill the whole prompt; the target's first token (drawn from the prefill, as target-only
+    # decoding does) is the first anchor, at the position training anchors sit on
     session = TargetSession(target, spec.layer_ids)
-    out = session.prefill([p[:-1] for p in prompts])
-    ctx_len_B = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    out = session.prefill(prompts)
+    len_B = torch.tensor([len(p) for p in prompts], device=device)
+    rows_B = torch.arange(B, device=device)
+    anchor_B = next_tokens(session.logits(out.final_BTD[rows_B, len_B - 1]), sampling, generator)
     state = drafter.new_state(B, max(len(p) for p in prompts) + max_new_tokens + K + 2, device)
-    width = out.taps_BTMD.shape[1]
-    ctx_ids_BT = torch.zeros(B, width, dtype=torch.long, device=device)
+    ctx_ids_BT = torch.zeros(B, out.taps_BTMD.shape[1], dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
-        ctx_ids_BT[b, :len(p) - 1] = torch.tensor(p[:-1], device=device)
-    state.extend(out.taps_BTMD, ctx_len_B, tokens_BT=ctx_ids_BT)
-    anchor_B = torch.tensor([p[-1] for p in prompts], device=device)
-    anchor_pos_B = ctx_len_B.clone()
+        ctx_ids_BT[b, :len(p)] = torch.tensor(p, device=device)
+    state.extend(out.taps_BTMD, len_B, tokens_BT=ctx_ids_BT)
+    anchor_pos_B = len_B.clone()
     stop = _Stopper(B, max_new_tokens, eos_list)
+    for b, tok in enumerate(anchor_B.tolist()):
+        stop.push(b, [tok])
     _sync(device)
     timings.prefill_s = time.perf_counter() - start
+    draft_kwargs = {"num_tokens": K} if any_length else {"num_drafts": K}
 
     while stop.any_active():
         t0 = time.perf_counter()
-        kwargs = {"num_tokens": K} if any_length else {}
         prop = drafter.propose(state, anchor_B, anchor_pos_B, greedy=sampling.greedy,
-                               temperature=sampling.temperature or 1.0, generator=generator, **kwargs)
+                               temperature=sampling.temperature or 1.0, generator=generator,
+                               with_probs=not sampling.greedy, **draft_kwargs)
         drafts_BK = prop.tokens_BK[:, :K]
         _sync(device)
         t1 = time.perf_counter()
@@ -263,12 +273,12 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
 
         verify_in_BW1 = torch.cat([anchor_B[:, None], drafts_BK[:, :W]], dim=1)
         step = session.step(verify_in_BW1)
-        logits_BW1V = target.logits(step.final_BTD)
+        logits_BW1V = session.logits(step.final_BTD)
         if sampling.greedy:
-            result = verify(drafts_BK[:, :W], None, logits_BW1V, n_B, None, kernel_eos, True, kernel)
+            result = verify(drafts_BK[:, :W], None, logits_BW1V, n_B, None, eos_list, True, kernel)
         else:
             result = verify(drafts_BK[:, :W], prop.draft_probs_BKV[:, :W].float(),
-                            target_probs(logits_BW1V, sampling), n_B, None, kernel_eos, False, kernel,
+                            target_probs(logits_BW1V, sampling), n_B, None, eos_list, False, kernel,
                             generator=generator)
         _sync(device)
         t3 = time.perf_counter()

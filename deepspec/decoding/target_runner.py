@@ -19,10 +19,27 @@ compressed HCA/CSA layers, whose state cannot be cut back) roll back by *snapsho
 the cache is copied before each step, and a commit that keeps fewer tokens than the step ran
 restores the copy and runs the kept tokens again — exact, one extra forward per rejection,
 batch size 1 only.
+
+Same numbers as plain decoding (batch 1). A verification pass scores gamma + 1 tokens in one
+forward; plain decoding scores them one forward each. Every matmul of the model gives each row
+the same result whatever the number of rows, but the CPU attention kernel does not: a query
+row attending over the cache with the later rows masked out is summed in another order than
+the same row attending over exactly its prefix. In float32 the difference is ~1e-6 and almost
+never moves an argmax; in bf16 it reaches tenths of a logit and greedy outputs diverge. So the
+session runs the target's attention through `row_exact_attention`: at batch 1, each query row
+of a multi-token step over a cache attends over exactly its own prefix, the very call a decode
+step makes. Greedy speculative output then equals greedy target-only output token for token in
+any dtype. Larger batches keep one masked call (their padding masks differ between the two
+decoders anyway). The matmuls need the same care in bf16/fp16: on CPU a single-row matmul takes
+a kernel of its own (float32 accumulation, one rounding) while two or more rows share another,
+so a half-precision session runs every single-row linear layer (LM head included, through
+`TargetSession.logits`) on that row twice and keeps one: a decode step's rows then get the
+numbers a verification pass gives them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +47,76 @@ from dataclasses import dataclass
 import torch
 
 from deepspec.targets.frozen import FrozenTarget
+
+ROW_EXACT = "deepspec_row_exact"
+
+
+def row_exact_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        is_causal=None, **kwargs):
+    """`transformers` SDPA attention for cached steps: batch-1 rows over their own prefix, fp16/bf16 in fp32.
+
+    Steps over a cache in bf16/fp16 on CPU attend in float32 (the CPU's half-precision attention
+    kernel costs ~7x the float32 one for a single query row); the prefill keeps the model's dtype.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, _, Q, _ = query.shape
+    S = key.shape[2]
+    dtype = query.dtype
+    if Q < S and query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        query, key, value = query.float(), key.float(), value.float()
+    if B != 1 or Q == 1 or Q >= S or kwargs.get("position_bias") is not None:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=scaling, is_causal=is_causal, **kwargs)
+        return out.to(dtype), None
+    if attention_mask is None:
+        lengths = [S - Q + 1 + i for i in range(Q)]
+    else:  # a causal mask over [cache; step]: row i sees a prefix of the keys (batch 1 has no holes)
+        lengths = attention_mask[0, 0].sum(-1).tolist()
+    rows = [sdpa_attention_forward(module, query[:, :, i:i + 1], key[:, :, :n], value[:, :, :n], None,
+                                   dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)[0]
+            for i, n in enumerate(int(n) for n in lengths)]
+    return torch.cat(rows, dim=1).to(dtype), None
+
+
+class _SingleRowPad:
+    """Forward hooks on every nn.Linear of a model: while `active`, a 1-row input runs as 2 identical rows."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.active = False
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(self._pad)
+                module.register_forward_hook(self._unpad)
+
+    def _pad(self, module, args):
+        x = args[0]
+        if not self.active or x.dim() < 2 or x.shape[:-1].numel() != 1:
+            return None
+        module._deepspec_padded = True
+        return (torch.cat([x, x], dim=-2), *args[1:])
+
+    def _unpad(self, module, args, output):
+        if module.__dict__.pop("_deepspec_padded", False):
+            return output[..., :1, :]
+        return None
+
+
+def single_row_pad(model: torch.nn.Module) -> _SingleRowPad:
+    """The model's `_SingleRowPad` (hooks registered once per model)."""
+    pad = getattr(model, "_deepspec_single_row_pad", None)
+    if pad is None:
+        pad = _SingleRowPad(model)
+        object.__setattr__(model, "_deepspec_single_row_pad", pad)
+    return pad
+
+
+def _register_row_exact() -> None:
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ROW_EXACT, row_exact_attention)
+    AttentionMaskInterface.register(ROW_EXACT, sdpa_mask)
 
 
 @dataclass
@@ -56,10 +143,40 @@ class TargetSession:
         layers = getattr(self.cache, "layers", None) or []
         self.croppable = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
         self._snapshot = None  # replay mode: (cache copy, input ids, positions) of the last step
+        half = target.model.dtype in (torch.bfloat16, torch.float16)
+        self._row_pad = single_row_pad(target.model) if half else None
+
+    def logits(self, final_BTD: torch.Tensor) -> torch.Tensor:
+        """Target logits of final hidden states, with the same matmul numerics as the session's forwards."""
+        with self._exact():
+            return self.target.logits(final_BTD)
 
     # -- forward ------------------------------------------------------------------------------
     def _forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None,
                  position_ids_BT: torch.Tensor) -> StepOutput:
+        with self._exact():
+            return self._forward_model(input_ids_BT, attention_mask_BT, position_ids_BT)
+
+    @contextlib.contextmanager
+    def _exact(self):
+        """Row-exact attention and (half precision) single-row matmul padding, for this forward only."""
+        config = self.target.model.config
+        swap = config._attn_implementation == "sdpa"
+        if swap:
+            _register_row_exact()
+            config._attn_implementation = ROW_EXACT
+        if self._row_pad is not None:
+            self._row_pad.active = True
+        try:
+            yield
+        finally:
+            if swap:
+                config._attn_implementation = "sdpa"
+            if self._row_pad is not None:
+                self._row_pad.active = False
+
+    def _forward_model(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None,
+                       position_ids_BT: torch.Tensor) -> StepOutput:
         if self.layer_ids:
             out = self.target.forward(input_ids_BT, self.layer_ids, attention_mask_BT=attention_mask_BT,
                                       position_ids_BT=position_ids_BT, past_key_values=self.cache,

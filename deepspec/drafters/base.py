@@ -39,11 +39,12 @@ class Proposal:
     """Draft tokens for a batch of requests (target vocabulary ids).
 
     draft_probs_BKV: float32 full-vocabulary distributions the tokens were drawn from (the
-    verifier needs them to sample); conf_BK: sigmoid confidences or None.
+    verifier needs them to sample), or None when not asked for (`with_probs=False`: greedy
+    decoding never reads them); conf_BK: sigmoid confidences or None.
     """
 
     tokens_BK: Tensor
-    draft_probs_BKV: Tensor
+    draft_probs_BKV: Optional[Tensor]
     conf_BK: Optional[Tensor] = None
 
 
@@ -89,16 +90,28 @@ class SharedTargetMixin:
         return F.embedding(ids, self.frozen.embed_weight_VD).to(dtype)
 
     def target_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., D] -> logits [..., V] through the target's LM head, as one 2-D matmul.
+
+        Flattened first: a 3-D operand whose batch stride is not rows x D (a slice of the drafted
+        rows out of a block, even when `is_contiguous()` says so because the batch is 1) sends
+        bf16 matmuls on CPU to a batched path 20-50x slower than the plain one.
+        """
         w = self.frozen.lm_head_weight_VD
-        return hidden.to(w.dtype) @ w.T
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(w.dtype)
+        return F.linear(flat, w).view(*hidden.shape[:-1], w.shape[0])
 
 
 def draw(logits_BV: Tensor, greedy: bool, temperature: float, generator: Optional[torch.Generator],
-         forced_B: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+         forced_B: Optional[Tensor] = None, with_probs: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """(tokens_B, probs_BV float32): argmax when greedy, else a sample at `temperature`.
 
     `forced_B` overrides the drawn tokens (teacher forcing at inference; tests, scoring).
+    Greedy with `with_probs=False` takes the argmax alone: no softmax over the vocabulary
+    (probs is None).
     """
+    if greedy and not with_probs:
+        tokens = logits_BV.argmax(-1)
+        return (tokens if forced_B is None else forced_B.to(tokens.device)), None
     logits = logits_BV.float()
     if greedy:
         probs = logits.softmax(-1)

@@ -95,17 +95,33 @@ class DFlashDrafter(SharedTargetMixin, nn.Module):
             x = layer(x, pos, ck, cv, attend)
         return self.norm(x)
 
+    @staticmethod
+    def _drafted(num_drafts: Optional[int], block: int) -> int:
+        if num_drafts is None:
+            return block
+        if not 1 <= num_drafts <= block:
+            raise ValueError(f"propose: num_drafts={num_drafts}; this drafter proposes 1..{block} tokens "
+                             f"per block")
+        return int(num_drafts)
+
     @torch.no_grad()
     def propose(self, state: BlockDraftState, anchor_tokens_B: Tensor, anchor_pos_B: Tensor, greedy: bool = True,
                 temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-                forced_tokens_BK: Optional[Tensor] = None) -> Proposal:
-        """Draft K tokens after each request's anchor (context = every position < anchor_pos)."""
+                forced_tokens_BK: Optional[Tensor] = None, num_drafts: Optional[int] = None,
+                with_probs: bool = True) -> Proposal:
+        """Draft `num_drafts` (default: the block size) tokens after each anchor (context: earlier positions).
+
+        The backbone runs the whole block; the LM head only the drafted slots.
+        """
         hidden = self.block_hidden(state, anchor_tokens_B, anchor_pos_B)
-        logits = self.target_logits(hidden)
-        tokens, probs = draw(logits.flatten(0, 1), greedy, temperature, generator,
-                             None if forced_tokens_BK is None else forced_tokens_BK.flatten())
         B = hidden.shape[0]
-        return Proposal(tokens_BK=tokens.view(B, -1), draft_probs_BKV=probs.view(B, hidden.shape[1], -1))
+        K = self._drafted(num_drafts, hidden.shape[1])
+        logits = self.target_logits(hidden[:, :K])
+        tokens, probs = draw(logits.flatten(0, 1), greedy, temperature, generator,
+                             None if forced_tokens_BK is None else forced_tokens_BK[:, :K].flatten(),
+                             with_probs)
+        probs_BKV = None if probs is None else probs.view(B, K, -1)
+        return Proposal(tokens_BK=tokens.view(B, K), draft_probs_BKV=probs_BKV)
 
 
 class BlockDraftState:

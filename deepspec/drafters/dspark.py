@@ -51,26 +51,35 @@ class DSparkDrafter(DFlashDrafter):
     @torch.no_grad()
     def propose(self, state: BlockDraftState, anchor_tokens_B: Tensor, anchor_pos_B: Tensor, greedy: bool = True,
                 temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-                forced_tokens_BK: Optional[Tensor] = None) -> Proposal:
-        """One backbone forward for the block, then the head draws tokens left to right."""
+                forced_tokens_BK: Optional[Tensor] = None, num_drafts: Optional[int] = None,
+                with_probs: bool = True) -> Proposal:
+        """One backbone forward for the block, then the head draws `num_drafts` tokens left to right.
+
+        The backbone always runs the whole block (its slots attend to each other, as in
+        training); the LM head and the sequential head run only on the first `num_drafts`
+        slots (default: all). `with_probs=False` (greedy decoding) skips the softmaxes.
+        """
         hidden = self.block_hidden(state, anchor_tokens_B, anchor_pos_B)  # [B, K, D]
-        base = self.target_logits(hidden)  # U_k
-        B, K = hidden.shape[:2]
+        K = self._drafted(num_drafts, hidden.shape[1])
+        hidden = hidden[:, :K]
+        base = self.target_logits(hidden)  # U_k of the drafted slots only
+        B = hidden.shape[0]
         head_state = None if self.head is None else self.head.init_state(B, hidden.device)
         prev = anchor_tokens_B
         tokens, probs, confs = [], [], []
         for k in range(K):
-            logits = base[:, k].float()
+            logits = base[:, k]
             if self.head is not None:
                 lowrank, head_state = self.head.step(prev, hidden[:, k], head_state)
-                logits = logits + (lowrank @ self.head.w2).float()
+                logits = logits.float() + (lowrank @ self.head.w2).float()
             conf = self._conf(hidden[:, k], prev)
             if conf is not None:
                 confs.append(torch.sigmoid(conf.float()))
             forced = None if forced_tokens_BK is None else forced_tokens_BK[:, k]
-            tok, p = draw(logits, greedy, temperature, generator, forced)
+            tok, p = draw(logits, greedy, temperature, generator, forced, with_probs)
             tokens.append(tok)
             probs.append(p)
             prev = tok
-        return Proposal(tokens_BK=torch.stack(tokens, 1), draft_probs_BKV=torch.stack(probs, 1),
+        return Proposal(tokens_BK=torch.stack(tokens, 1),
+                        draft_probs_BKV=torch.stack(probs, 1) if with_probs or not greedy else None,
                         conf_BK=torch.stack(confs, 1) if confs else None)

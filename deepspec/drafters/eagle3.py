@@ -213,10 +213,12 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
     @torch.no_grad()
     def propose(self, state: Eagle3State, anchor_tokens_B: Tensor, anchor_pos_B: Tensor, greedy: bool = True,
                 temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-                forced_tokens_BK: Optional[Tensor] = None, num_tokens: Optional[int] = None) -> Proposal:
+                forced_tokens_BK: Optional[Tensor] = None, num_tokens: Optional[int] = None,
+                with_probs: bool = True) -> Proposal:
         """Draft `num_tokens` (default block_size) tokens autoregressively after each anchor.
 
         The anchor (position lengths_B) pairs with the last target feature held in the state.
+        `with_probs=False` (greedy decoding) skips the softmaxes; draft_probs_BKV is then None.
         """
         K = num_tokens or self.spec.block_size
         B = anchor_tokens_B.shape[0]
@@ -246,15 +248,16 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
                 forced = forced_tokens_BK[:, j]
                 if self.pruned:  # forced target ids -> draft ids
                     forced = torch.cumsum(self.t2d.long(), 0)[forced] - 1
-            d_tok, p = draw(logits, greedy, temperature, generator, forced)
+            d_tok, p = draw(logits, greedy, temperature, generator, forced, with_probs)
             tok = self.draft_to_target()[d_tok] if self.pruned else d_tok
-            if self.pruned:
+            if self.pruned and p is not None:
                 full = p.new_zeros(B, self.shapes.vocab_size)
                 full[:, self.draft_to_target()] = p
                 p = full
             tokens.append(tok)
             probs.append(p)
-        return Proposal(tokens_BK=torch.stack(tokens, 1), draft_probs_BKV=torch.stack(probs, 1))
+        return Proposal(tokens_BK=torch.stack(tokens, 1),
+                        draft_probs_BKV=None if probs[0] is None else torch.stack(probs, 1))
 
 
 class Eagle3State:

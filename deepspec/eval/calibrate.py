@@ -89,11 +89,17 @@ def run(cfg: DictConfig) -> dict:
     from deepspec.eval.benchmarks import load_benchmark
     from deepspec.eval.evaluate import run_benchmark
     from deepspec.eval.metrics import merge_logs
-    from deepspec.eval.setup import STS_FILE, decode_settings, load_eval_drafter, resolve_draft_dir, save_sts
-    from deepspec.targets import target_from_config
+    from deepspec.eval.setup import (
+        STS_FILE,
+        decode_settings,
+        eval_target,
+        load_eval_drafter,
+        resolve_draft_dir,
+        save_sts,
+    )
 
     ev = section(cfg, "eval")
-    target = target_from_config(cfg)
+    target = eval_target(cfg)[0]
     drafter = load_eval_drafter(target, cfg.draft)
     if getattr(drafter, "confidence", None) is None:
         raise ValueError(f"draft={cfg.draft} has no confidence head (kind={drafter.spec.kind}); STS calibrates "

@@ -40,6 +40,7 @@ class DecodeSettings:
     sts_temperatures: torch.Tensor | None = None
     kernel: str = "auto"
     seed: int = 0
+    thinking: bool = False  # chat templates' thinking switch (Qwen3): off, as the training data was rendered
 
 
 @dataclass
@@ -60,9 +61,13 @@ class BenchmarkRun:
         return merge_logs(self.logs)
 
 
-def encode_chat(target: FrozenTarget, messages: list[dict]) -> list[int]:
-    """Token ids of a chat rendered with the target's template, generation prompt appended."""
-    text = target.render_chat(messages, add_generation_prompt=True)
+def encode_chat(target: FrozenTarget, messages: list[dict], thinking: bool = False) -> list[int]:
+    """Token ids of a chat rendered with the target's template, generation prompt appended.
+
+    `thinking` is passed to templates as `enable_thinking` (Qwen3's switch; others ignore it):
+    off by default, as regeneration renders the training answers.
+    """
+    text = target.render_chat(messages, add_generation_prompt=True, enable_thinking=thinking)
     return list(target.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -91,7 +96,7 @@ def _base(target, prompts, settings: DecodeSettings, generator) -> Generation:
 
 def warm_up(target: FrozenTarget, drafter, settings: DecodeSettings) -> None:
     """One short generation of each decoder, so one-off costs do not land in the first timing."""
-    prompt = encode_chat(target, [{"role": "user", "content": "Hello"}])
+    prompt = encode_chat(target, [{"role": "user", "content": "Hello"}], settings.thinking)
     short = DecodeSettings(**{**settings.__dict__, "max_new_tokens": 4})
     _base(target, [prompt], short, device_generator(target, 0))
     _spec(target, drafter, [prompt], short, device_generator(target, 0))
@@ -120,7 +125,7 @@ def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: Dec
             rows = [i for i, c in enumerate(batch) if turn < len(c)]
             for i in rows:
                 history[i].append({"role": "user", "content": batch[i][turn]})
-            prompts = [encode_chat(target, history[i]) for i in rows]
+            prompts = [encode_chat(target, history[i], settings.thinking) for i in rows]
             if not baseline:
                 spec = _spec(target, drafter, prompts, settings, g_spec)
                 base = spec

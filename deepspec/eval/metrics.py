@@ -1,6 +1,7 @@
 """Evaluation metrics from the engine's round log and timings (docs/algorithms.md).
 
-- tau: accepted drafts + 1 per round (the correction / bonus token counts), averaged over rounds;
+- tau: tokens committed per round, averaged over rounds: accepted drafts + the correction / bonus
+  token, or the accepted drafts alone when an accepted EOS ended the round (no token follows it);
 - per-position conditional acceptance at k: among rounds where positions 1..k-1 were accepted
   and k was verified, the fraction where k was accepted (a round cut by an accepted EOS never
   tested the positions after it);
@@ -43,7 +44,7 @@ def round_metrics(log: RoundLog, K: int) -> dict:
     a = torch.tensor(log.accepted, dtype=torch.double)
     return {
         "rounds": R,
-        "tau": float((a + 1).mean()),
+        "tau": float(torch.tensor(log.committed, dtype=torch.double).mean()),
         "per_position_acceptance": per_position_acceptance(log.proposed, log.accepted, log.eos_stop, K),
         "drafts_verified_per_round": float(n.mean()),
         "tokens_per_verify": float((n + 1).mean()),

@@ -103,7 +103,10 @@ def run(cfg: DictConfig) -> dict:
     target = target_from_config(cfg, need_tokenizer=False)
     sps = measure_sps(target, list(ev.profile_batches), int(ev.profile_context), int(ev.profile_repeats), ev.seed)
     sps_path = sps.save_json(out / "sps.json")
-    gamma = int(ev.block_size or cfg.drafter.block_size)
+    from deepspec.eval.setup import parse_block_size
+
+    size = parse_block_size(ev.block_size)  # auto: the load simulation uses the drafter's block
+    gamma = int(cfg.drafter.block_size if size in (None, "auto") else size)
     sims = load_table(sps, list(ev.concurrency), gamma, ev.seed)
     png = plot_load(out / "load_simulation.png", sps, sims)
 

@@ -20,28 +20,47 @@ def run(cfg: DictConfig) -> dict:
     .greedy_match, .per_position_acceptance, ...), E/results.md, E/acceptance_by_position.png,
     E/tau_by_benchmark.png, E/time_per_round.png, E/generations.jsonl; with a confidence head also
     E/calibration/ (STS fitted on part of the rounds, scored on the rest, threshold sweep).
-    Options: eval.temperature/top_p/top_k, eval.batch_size, eval.block_size,
+    Options: eval.temperature/top_p/top_k, eval.batch_size, eval.block_size (N, or auto: the gamma
+    with the best expected tokens per unit time, from timed round costs and the acceptance of a
+    short calibration pass on eval.auto_prompts held-apart prompts; printed, and recorded under
+    block_size_auto), eval.target_dtype (target | auto | float32 | bfloat16; both decoders),
+    eval.thinking (chat templates' thinking switch, default off),
     eval.confidence_threshold, eval.scheduler=algorithm1|topk with eval.sps_table=S/sps.json,
     eval.sts=auto|none|PATH, eval.kernel=auto|triton|reference.
     """
     from deepspec.config import section
     from deepspec.eval.benchmarks import load_benchmark
+    from deepspec.eval.block_size import calibrate_block_size
     from deepspec.eval.calibrate import calibrate_rounds
     from deepspec.eval.evaluate import run_benchmark, summarise, warm_up
     from deepspec.eval.metrics import merge_logs
     from deepspec.eval.report import plot_acceptance, plot_tau, plot_time_breakdown, results_markdown
-    from deepspec.eval.setup import decode_settings, load_eval_drafter, load_sts, make_budget_fn, sts_path
-    from deepspec.targets import target_from_config
+    from deepspec.eval.setup import (
+        decode_settings,
+        eval_target,
+        load_eval_drafter,
+        load_sts,
+        make_budget_fn,
+        parse_block_size,
+        sts_path,
+    )
 
     ev = section(cfg, "eval")
     out = Path(cfg.output_dir)
     benches = [load_benchmark(name, ev.max_prompts) for name in ev.benchmarks]  # fail fast on a bad name
-    target = target_from_config(cfg)
+    target, dtype, dtype_why = eval_target(cfg)
+    print0(f"target dtype while decoding: {dtype} ({dtype_why})")
     drafter = load_eval_drafter(target, cfg.draft)
     sts_file = sts_path(ev.sts, cfg.draft)
     settings = decode_settings(ev, make_budget_fn(ev.scheduler, ev.sps_table), load_sts(sts_file))
     if ev.warmup:
         warm_up(target, drafter, settings)
+    auto = None
+    if parse_block_size(ev.block_size) == "auto":
+        auto = calibrate_block_size(target, drafter, benches[0].name, len(benches[0].conversations),
+                                    int(ev.auto_prompts), settings, progress=ev.progress)
+        print0(auto.table())
+        settings.block_size = auto.block_size
 
     results, runs = {}, []
     gen_path = out / "generations.jsonl"
@@ -63,7 +82,9 @@ def run(cfg: DictConfig) -> dict:
                     "temperature": ev.temperature, "top_p": ev.top_p, "top_k": ev.top_k,
                     "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
                     "scheduler": ev.scheduler, "confidence_threshold": ev.confidence_threshold,
-                    "sts": str(sts_file) if sts_file else "none", "device": str(target.device)}
+                    "sts": str(sts_file) if sts_file else "none", "device": str(target.device),
+                    "target_dtype": dtype, "target_dtype_reason": dtype_why, "thinking": ev.thinking,
+                    "block_size_setting": str(ev.block_size)}
     ok_cal = calibration if calibration and "skipped" not in calibration else None
     (out / "results.md").write_text(results_markdown(
         f"deepspec eval: {target.name} + {drafter.spec.kind}", results, settings_row, ok_cal,
@@ -77,6 +98,8 @@ def run(cfg: DictConfig) -> dict:
         "macro": {"tau": sum(taus) / len(taus) if taus else None,
                   "speedup": sum(speedups) / len(speedups) if speedups else None},
         "settings": settings_row,
+        "target_dtype": dtype,
+        "block_size_auto": auto.to_json() if auto else None,
         "target": target.identity(),
         "calibration": calibration,
         "files": {"results_md": str(out / "results.md"), "plots": [str(p) for p in plots],

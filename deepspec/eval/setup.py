@@ -21,11 +21,13 @@ SCHEDULERS = ("none", "algorithm1", "topk")
 
 
 def load_eval_drafter(target: FrozenTarget, draft_dir: str | None) -> torch.nn.Module:
-    """The drafter saved in `draft_dir`, on the target's device, sharing its embedding and LM head."""
+    """The drafter saved in `draft_dir`, on the target's device and in its dtype, sharing its embedding
+    and LM head."""
     from deepspec.drafters.io import load_drafter
 
     path = resolve_draft_dir(draft_dir)
     drafter = load_drafter(path, target.embed_tokens, target.lm_head_weight, map_location=str(target.device))
+    drafter = drafter.to(target.dtype)  # the drafter decodes in the eval dtype, like the target
     shapes = drafter.shapes
     if shapes.vocab_size != target.vocab_size or shapes.hidden_size != target.hidden_size:
         raise ValueError(f"draft={draft_dir} was built for a target with vocab {shapes.vocab_size} x hidden "
@@ -92,12 +94,57 @@ def make_budget_fn(scheduler: str, sps_table: str | None) -> BudgetFn | None:
     return budget
 
 
+def parse_block_size(value) -> int | str | None:
+    """eval.block_size: None, a positive int, or 'auto'."""
+    if value is None or value == "auto":
+        return value
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or str(value).strip() != str(size):
+        raise ValueError(f"eval.block_size={value!r}; use a positive number of drafts per round, 'auto' "
+                         f"(chosen from measured costs and acceptance) or null (the drafter's block size)")
+    return size
+
+
+def fixed_block_size(value, drafter_block_size: int, command: str) -> int:
+    """eval.block_size for commands that need a number now ('auto' is chosen by `deepspec eval` only)."""
+    size = parse_block_size(value)
+    if size == "auto":
+        raise ValueError(f"eval.block_size=auto is chosen by `deepspec eval`; `{command}` needs a number "
+                         f"(or null for the drafter's block size {drafter_block_size})")
+    return int(size or drafter_block_size)
+
+
 def decode_settings(ev, budget_fn: BudgetFn | None, sts: torch.Tensor | None) -> DecodeSettings:
-    """DecodeSettings from the `eval` config section."""
+    """DecodeSettings from the `eval` config section (block_size=auto is left None: the caller chooses)."""
     if ev.batch_size < 1:
         raise ValueError(f"eval.batch_size={ev.batch_size}; use 1 or more")
+    block_size = parse_block_size(ev.block_size)
     return DecodeSettings(max_new_tokens=int(ev.max_new_tokens),
                           sampling=SamplingParams(float(ev.temperature), float(ev.top_p), int(ev.top_k)),
-                          batch_size=int(ev.batch_size), block_size=ev.block_size,
+                          batch_size=int(ev.batch_size),
+                          block_size=None if block_size == "auto" else block_size,
                           confidence_threshold=ev.confidence_threshold, budget_fn=budget_fn,
-                          sts_temperatures=sts, kernel=ev.kernel, seed=int(ev.seed))
+                          sts_temperatures=sts, kernel=ev.kernel, seed=int(ev.seed),
+                          thinking=bool(ev.thinking))
+
+
+def eval_target(cfg):
+    """The target in the eval dtype (`eval.target_dtype`): (target, dtype name, why that dtype)."""
+    from omegaconf import OmegaConf
+
+    from deepspec.eval.dtype import resolve_eval_dtype
+    from deepspec.targets import target_from_config
+    from deepspec.targets.loading import pick_device
+
+    device = "cpu" if cfg.target.device_map else pick_device(cfg.target.device)
+    dtype, why = resolve_eval_dtype(cfg.eval.target_dtype, cfg.target.dtype, device)
+    if dtype != cfg.target.dtype:
+        cfg = OmegaConf.merge(cfg, {"target": {"dtype": dtype}})
+    target = target_from_config(cfg)
+    loaded = str(target.dtype).removeprefix("torch.")
+    if loaded != dtype:  # a target shared with an earlier stage keeps its own dtype
+        why, dtype = f"{why}; the loaded target is {loaded}", loaded
+    return target, dtype, why

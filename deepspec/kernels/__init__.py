@@ -9,6 +9,7 @@ Triton is imported lazily, only when that backend is chosen.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -35,7 +36,7 @@ def verify(
     target_probs_BK1V: torch.Tensor,
     num_drafts_B: torch.Tensor,
     uniforms_BK1: torch.Tensor | None,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     greedy: bool,
     backend: str = "auto",
     *,
@@ -55,7 +56,8 @@ def verify(
     uniforms_BK1: float32 uniforms in [0, 1), or None to draw them with ``generator``.
         Unused when greedy.
     eos_id: if an accepted draft equals it, the round stops right after it (no
-        correction/bonus).  None disables the check.
+        correction/bonus).  A sequence of ids: any of them stops the round (models with
+        several end tokens, e.g. end-of-turn and end-of-text).  None disables the check.
     greedy: accept x_k while x_k == argmax p_t[k] (first index on ties); then commit
         argmax p_t[accepted] (the correction, or the bonus when all were accepted).
     backend: "auto" (Triton for CUDA tensors when triton imports, else reference),
@@ -79,6 +81,12 @@ def verify(
     """
     if backend not in BACKENDS:
         raise ValueError(f"verify: backend={backend!r} is unknown; use one of {BACKENDS}")
+    eos_ids = _eos_list(eos_id)
+    if len(eos_ids) > 1:  # the backends test one id; cut their result at the first accepted EOS of any id
+        result = verify(draft_tokens_BK, draft_probs_BKV, target_probs_BK1V, num_drafts_B, uniforms_BK1, None,
+                        greedy, backend, generator=generator)
+        return cut_at_eos(result, draft_tokens_BK, eos_ids)
+    eos_id = eos_ids[0] if eos_ids else None
     uniforms_BK1 = _check_inputs(
         draft_tokens_BK, draft_probs_BKV, target_probs_BK1V, num_drafts_B, uniforms_BK1, greedy, generator
     )
@@ -94,6 +102,33 @@ def verify(
     return verify_reference(
         draft_tokens_BK, draft_probs_BKV, target_probs_BK1V, num_drafts_B, uniforms_BK1, eos_id, greedy
     )
+
+
+def _eos_list(eos_id: int | Sequence[int] | None) -> list[int]:
+    if eos_id is None:
+        return []
+    if isinstance(eos_id, int) or (isinstance(eos_id, torch.Tensor) and eos_id.dim() == 0):
+        return [int(eos_id)]
+    return sorted(set(int(e) for e in eos_id))
+
+
+def cut_at_eos(result: VerifyResult, draft_tokens_BK: torch.Tensor, eos_ids: Sequence[int]) -> VerifyResult:
+    """The round as if it had stopped right after its first accepted draft that is any of `eos_ids`.
+
+    Exact for a result computed without an EOS check: up to that draft the acceptance tests
+    are the same, and a round stopped by an EOS commits no correction/bonus token.
+    """
+    B, K = draft_tokens_BK.shape
+    cols_BK = torch.arange(K, device=draft_tokens_BK.device)[None, :]
+    eos_BK = torch.isin(draft_tokens_BK, torch.tensor(list(eos_ids), device=draft_tokens_BK.device))
+    eos_BK = eos_BK & (cols_BK < result.accepted_B[:, None])
+    hit_B = eos_BK.any(dim=1)
+    first_B = torch.where(hit_B, eos_BK.int().argmax(dim=1), K)  # column of the first accepted EOS
+    accepted_B = torch.where(hit_B, first_B + 1, result.accepted_B)
+    cols_BK1 = torch.arange(K + 1, device=draft_tokens_BK.device)[None, :]
+    committed_BK1 = torch.where(hit_B[:, None] & (cols_BK1 >= accepted_B[:, None]), -1, result.committed_BK1)
+    num_committed_B = torch.where(hit_B, accepted_B, result.num_committed_B)
+    return VerifyResult(accepted_B, committed_BK1, num_committed_B)
 
 
 def _check_inputs(

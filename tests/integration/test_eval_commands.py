@@ -110,3 +110,27 @@ def test_profile_writes_an_sps_table_the_scheduler_loads(tiny_eval, tmp_path):
     assert [r["concurrency"] for r in summary["load_simulation"]["algorithm1"]] == [1, 8]
     assert all(r["avg_budget"] == 0 for r in summary["load_simulation"]["none"])
     assert (out / "load_simulation.png").stat().st_size > 0
+
+
+def test_eval_auto_block_size_and_target_dtype_land_in_the_summary(tiny_eval, tmp_path, capsys):
+    base, draft = tiny_eval
+    out = tmp_path / "A"
+    rc = run_cli(["eval", *base, f"draft={draft}", "eval.benchmarks=[gsm8k]", "eval.max_prompts=2",
+                  "eval.max_new_tokens=5", "eval.warmup=false", "eval.progress=false", "eval.block_size=auto",
+                  "eval.auto_prompts=1", f"output_dir={out}"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "eval.block_size=auto: acceptance by position" in printed and "<- chosen" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    auto = summary["block_size_auto"]
+    chosen = auto["chosen"]
+    assert chosen == max(auto["cost_model"], key=lambda r: r["expected_speedup"])["gamma"]
+    assert [r["gamma"] for r in auto["cost_model"]] == [1, 2, 3] and len(auto["acceptance"]) == 3
+    gsm = summary["benchmarks"]["gsm8k"]
+    assert gsm["block_size"] == chosen == summary["settings"]["block_size"]
+    assert {"tau", "speedup", "greedy_match"} <= set(gsm) and gsm["greedy_match"] == 1.0
+    # the tiny target shared by these tests is loaded once, in float32, and the summary says so
+    assert summary["target_dtype"] == summary["settings"]["target_dtype"] == "float32"
+    bad = ["eval", *base, f"draft={draft}", "eval.block_size=seven", f"output_dir={tmp_path / 'B'}"]
+    assert run_cli(bad) != 0
+    assert "eval.block_size=seven must be at least 1, auto or null" in capsys.readouterr().err

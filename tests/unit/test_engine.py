@@ -57,7 +57,8 @@ class OracleDrafter:
         return OracleState(batch_size)
 
     @torch.no_grad()
-    def propose(self, state, anchor_tokens_B, anchor_pos_B, greedy=True, temperature=1.0, generator=None):
+    def propose(self, state, anchor_tokens_B, anchor_pos_B, greedy=True, temperature=1.0, generator=None,
+                **unused):
         K, V = self.spec.block_size, self.target.vocab_size
         rows = []
         for b, anchor in enumerate(anchor_tokens_B.tolist()):
@@ -167,32 +168,44 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
 
 
+def second_tokens(gen, target, prompt, params):
+    """(counts of the 2nd token where the 1st was the commonest one x1, p_t(. | prompt, x1), x1).
+
+    The first token comes from the prefill; the second is the first one a verification round commits.
+    """
+    firsts = torch.tensor([t[0] for t in gen.tokens])
+    x1 = int(torch.bincount(firsts).argmax())
+    seconds = torch.tensor([t[1] for t in gen.tokens if t[0] == x1])
+    assert len(seconds) > 500, "too few requests share a first token for a chi-square test"
+    with torch.no_grad():
+        last = target.model.get_decoder()(input_ids=torch.tensor([prompt + [x1]])).last_hidden_state[0, -1]
+    return torch.bincount(seconds, minlength=target.vocab_size), target_probs(target.logits(last), params), x1
+
+
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(0.8, top_p=0.9, top_k=12)])
-def test_sampled_first_token_follows_the_target_distribution(tiny_target, params):
+def test_sampled_first_round_token_follows_the_target_distribution(tiny_target, params):
     """3000 independent requests, one speculative round each: tokens ~ p_t (chi-square), not ~ p_d."""
     target = tiny_target("llama", vocab_size=32, initializer_range=0.2)  # peaked p_t, p_d far from it
     drafter = make_drafter(target, "dflash", K=3, seed=2)
     prompt = random_prompts(32, (6,), seed=5)[0]
     N = 3000
-    gen = generate_speculative(target, drafter, [prompt] * N, 1, params, [], generator=torch.Generator().manual_seed(0))
-    counts = torch.bincount(torch.tensor([t[0] for t in gen.tokens]), minlength=32)
-    with torch.no_grad():
-        last = target.model.get_decoder()(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
-    p_t = target_probs(target.logits(last), params)
+    gen = generate_speculative(target, drafter, [prompt] * N, 2, params, [],
+                               generator=torch.Generator().manual_seed(0))
+    counts, p_t, x1 = second_tokens(gen, target, prompt, params)
     assert chi_square_p(counts, p_t) > 1e-3
     # power: the first drafts were often rejected, and the test tells p_d from p_t
     accept_rate = sum(gen.rounds.accepted) / sum(gen.rounds.proposed)
     assert accept_rate < 0.9
     state = drafter.new_state(1, 16)
-    out = TargetSession(target, drafter.spec.layer_ids).prefill([prompt[:-1]])
-    state.extend(out.taps_BTMD, torch.tensor([5]), tokens_BT=torch.tensor([prompt[:-1]]))
-    p_d = drafter.propose(state, torch.tensor([prompt[-1]]), torch.tensor([5]), greedy=False,
+    out = TargetSession(target, drafter.spec.layer_ids).prefill([prompt])
+    state.extend(out.taps_BTMD, torch.tensor([6]), tokens_BT=torch.tensor([prompt]))
+    p_d = drafter.propose(state, torch.tensor([x1]), torch.tensor([6]), greedy=False,
                           temperature=params.temperature).draft_probs_BKV[0, 0]
     assert 0.5 * float((p_d - p_t).abs().sum()) > 0.3
     assert chi_square_p(counts, p_d) < 1e-6
 
 
-def test_sampled_first_token_with_the_scheduler_in_the_loop_follows_the_target(tiny_target, tmp_path):
+def test_sampled_first_round_token_with_the_scheduler_in_the_loop_follows_the_target(tiny_target, tmp_path):
     """Algorithm 1 picks per-request budgets from the confidences; the output law must not move."""
     from deepspec.decoding.scheduler import SPSTable
     from deepspec.eval.setup import make_budget_fn
@@ -203,15 +216,13 @@ def test_sampled_first_token_with_the_scheduler_in_the_loop_follows_the_target(t
     SPSTable((1, 4500, 9000), (100.0, 100.0, 1.0)).save_json(tmp_path / "sps.json")
     prompt = random_prompts(32, (6,), seed=5)[0]
     params = SamplingParams(temperature=1.0)
-    gen = generate_speculative(target, drafter, [prompt] * 3000, 1, params, [],
+    gen = generate_speculative(target, drafter, [prompt] * 3000, 2, params, [],
                                budget_fn=make_budget_fn("algorithm1", str(tmp_path / "sps.json")),
                                generator=torch.Generator().manual_seed(1))
     budgets = torch.tensor(gen.rounds.proposed)
     assert int(budgets.min()) < int(budgets.max()), "the scheduler did not vary the budget"
-    counts = torch.bincount(torch.tensor([t[0] for t in gen.tokens]), minlength=32)
-    with torch.no_grad():
-        last = target.model.get_decoder()(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
-    assert chi_square_p(counts, target_probs(target.logits(last), params)) > 1e-3
+    counts, p_t, _ = second_tokens(gen, target, prompt, params)
+    assert chi_square_p(counts, p_t) > 1e-3
 
 
 def test_target_probs_top_k_top_p():
@@ -250,3 +261,90 @@ def test_deepseek_v4_compressed_cache_rolls_back_by_snapshot_and_replay(tiny_tar
     assert generate_speculative(target, v4_drafter, prompts, 20, GREEDY, []).tokens == base.tokens
     with pytest.raises(ValueError, match="batch_size=1"):
         generate_speculative(target, make_drafter(target, "dflash"), prompts * 2, 4, GREEDY, [])
+
+
+def forced_oracle(target, drafter, prompts, max_new: int, K: int):
+    """`ForcedDrafter` over `drafter`, forced to the target's own greedy continuation."""
+    from deepspec.decoding.oracle import ForcedDrafter
+
+    ref = generate_target_only(target, prompts, max_new + K + 1, GREEDY, [])
+    return ForcedDrafter(drafter, [p + t for p, t in zip(prompts, ref.tokens, strict=True)])
+
+
+@pytest.mark.parametrize("gamma", [2, 4])
+def test_oracle_drafter_reaches_tau_gamma_plus_one_exactly(tiny_target, gamma):
+    """A real DSpark drafter forced to the target's greedy continuation: every round commits gamma + 1."""
+    target = tiny_target("llama")
+    prompts = random_prompts(target.vocab_size, (5, 9, 7))
+    drafter = make_drafter(target, "dspark", K=4)
+    for batch in ([prompts[0]], prompts):
+        oracle = forced_oracle(target, drafter, batch, 20, 4)
+        spec = generate_speculative(target, oracle, batch, 20, GREEDY, [], block_size=gamma)
+        assert spec.tokens == generate_target_only(target, batch, 20, GREEDY, []).tokens
+        assert set(spec.rounds.accepted) == {gamma}
+        assert sum(spec.rounds.committed) / len(spec.rounds) == gamma + 1
+
+
+def test_bf16_greedy_speculative_output_equals_bf16_target_only():
+    """bf16 verification of gamma + 1 rows gives the very numbers of bf16 one-token decoding (batch 1)."""
+    from deepspec.targets import load_target
+    from tests.tiny import tiny_config
+
+    config = tiny_config("llama", hidden_size=256, intermediate_size=1024, num_attention_heads=8, head_dim=32,
+                         num_key_value_heads=2)
+    target = load_target("random:llama", dtype="bfloat16", device="cpu", random_config=config,
+                         need_tokenizer=False)
+    drafter = make_drafter(target, "dspark", K=4).to(torch.bfloat16)
+    for seed in range(3):
+        prompt = random_prompts(target.vocab_size, (40,), seed=seed)
+        base = generate_target_only(target, prompt, 48, GREEDY, [])
+        oracle = forced_oracle(target, drafter, prompt, 48, 4)
+        spec = generate_speculative(target, oracle, prompt, 48, GREEDY, [], block_size=4)
+        assert spec.tokens == base.tokens
+        assert set(spec.rounds.accepted) == {4}  # verification agreed with decoding at every position
+        plain = generate_speculative(target, drafter, prompt, 48, GREEDY, [], block_size=4)
+        assert plain.tokens == base.tokens
+
+
+class SpyDrafter:
+    """Wraps a drafter and records the anchors (token, position) of every propose call."""
+
+    def __init__(self, drafter):
+        self.drafter, self.spec, self.confidence = drafter, drafter.spec, None
+        self.anchors = []
+
+    def new_state(self, *args, **kwargs):
+        return self.drafter.new_state(*args, **kwargs)
+
+    def propose(self, state, anchor_tokens_B, anchor_pos_B, **kwargs):
+        self.anchors.append((anchor_tokens_B.tolist(), anchor_pos_B.tolist()))
+        return self.drafter.propose(state, anchor_tokens_B, anchor_pos_B, **kwargs)
+
+
+def test_first_anchor_is_the_first_token_the_target_produced(tiny_target):
+    """Training anchors are generated tokens; the first round must not anchor on the last prompt token."""
+    target = tiny_target("llama")
+    prompts = random_prompts(target.vocab_size, (5, 8))
+    first = [t[0] for t in generate_target_only(target, prompts, 1, GREEDY, []).tokens]
+    spy = SpyDrafter(make_drafter(target, "dspark", K=3))
+    generate_speculative(target, spy, prompts, 6, GREEDY, [])
+    assert spy.anchors[0] == (first, [5, 8])
+
+
+def test_every_eos_id_stops_a_round_and_tau_counts_accepted_tokens_only(tiny_target):
+    """Two EOS ids: an accepted draft equal to the second one ends the round with no bonus token."""
+    from deepspec.eval.metrics import round_metrics
+
+    target = tiny_target("llama")
+    prompts = random_prompts(target.vocab_size, (6,))
+    free = generate_target_only(target, prompts, 16, GREEDY, []).tokens[0]
+    stop = next(i for i in (3, 2) if free[i] not in free[:i])  # a new token: the round's draft number `stop`
+    eos = free[stop]
+    other = next(t for t in range(target.vocab_size) if t not in free)
+    oracle = forced_oracle(target, make_drafter(target, "dspark", K=4), prompts, 16, 4)
+    spec = generate_speculative(target, oracle, prompts, 16, GREEDY, [other, eos], block_size=4)
+    assert spec.tokens == generate_target_only(target, prompts, 16, GREEDY, [other, eos]).tokens
+    assert spec.tokens[0][-1] == eos and len(spec.tokens[0]) == stop + 1
+    assert spec.rounds.eos_stop == [True]
+    assert spec.rounds.committed == [stop] and spec.rounds.accepted == [stop]
+    assert round_metrics(spec.rounds, 4)["tau"] == stop

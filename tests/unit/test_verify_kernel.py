@@ -53,6 +53,21 @@ def test_greedy_eos_inside_block_stops_without_bonus():
     assert res.num_committed_B.tolist() == [2]
 
 
+def test_every_eos_id_stops_the_round():
+    """Models with several end tokens: the first accepted draft equal to ANY of them ends the round."""
+    target = _one_hot_rows([[3, 0, 4, 2], [3, 5, 4, 2], [3, 1, 4, 2]], 6)
+    drafts = torch.tensor([[3, 0, 4], [3, 5, 4], [3, 1, 4]])
+    res = _ref(drafts, None, target, torch.tensor([3, 3, 3]), None, [5, 0], True)
+    assert res.accepted_B.tolist() == [2, 2, 3]
+    assert res.committed_BK1.tolist() == [[3, 0, -1, -1], [3, 5, -1, -1], [3, 1, 4, 2]]
+    assert res.num_committed_B.tolist() == [2, 2, 4]
+    # a single id in a list behaves as the bare id; an EOS after a rejection changes nothing
+    single = _ref(drafts, None, target, torch.tensor([3, 3, 3]), None, [0], True)
+    assert single.accepted_B.tolist() == [2, 3, 3]
+    late = _ref(torch.tensor([[2, 5, 4]]), None, target[1:2], torch.tensor([3]), None, [5, 0], True)
+    assert late.accepted_B.tolist() == [0] and late.num_committed_B.tolist() == [1]
+
+
 def test_num_drafts_limits_verification_per_request():
     target = _one_hot_rows([[3, 1, 4, 2], [3, 1, 4, 2]], 6)
     drafts = torch.tensor([[3, 1, 4], [3, 1, 4]])
