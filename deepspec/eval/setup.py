@@ -140,7 +140,8 @@ def eval_target(cfg):
     from deepspec.targets.loading import pick_device
 
     device = "cpu" if cfg.target.device_map else pick_device(cfg.target.device)
-    dtype, why = resolve_eval_dtype(cfg.eval.target_dtype, cfg.target.dtype, device)
+    dtype, why = resolve_eval_dtype(cfg.eval.target_dtype, cfg.target.dtype, device,
+                                   batch_size=int(cfg.eval.batch_size))
     if dtype != cfg.target.dtype:
         cfg = OmegaConf.merge(cfg, {"target": {"dtype": dtype}})
     target = target_from_config(cfg)
