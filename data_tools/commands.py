@@ -54,7 +54,7 @@ def regenerate(cfg) -> dict[str, Any]:
         from deepspec.targets import target_from_config
 
         engine = HFEngine(target_from_config(cfg), settings, batch_size=r.batch_size,
-                          window_batches=r.window_batches)
+                          window_batches=r.window_batches, dtype=r.dtype)
     elif r.engine == "openai":
         from data_tools.openai_engine import OpenAIEngine
 

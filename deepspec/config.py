@@ -85,6 +85,7 @@ class RegenConfig:
     seed: int = 0  # sampling seed (temperature > 0), per batch / request
     backoff_s: float = 1.0  # engine=openai: retry backoff base (backoff_s * 2**attempt)
     window_batches: int = 4  # engine=hf: rows are sorted by prompt length within batch_size * this
+    dtype: str = "auto"  # engine=hf: auto (bf16 on AVX512-BF16/AMX CPUs, CUDA) | float32 | bfloat16 | float16
 
 
 @dataclass
