@@ -1,7 +1,8 @@
 """Training throughput of the drafters: anchor-tokens/s and sequences/s per optimizer step.
 
 CPU (default): the three SmolLM2 recipes (DSpark, DFlash, Eagle3) on the embedded
-SmolLM2-135M target, side by side, through the real DeepSpeed engine and training step.
+SmolLM2-135M target, side by side, through the real DeepSpeed engine and training step,
+each in fp32 and with bf16 autocast (fp32 master weights, `trainer.precision=amp`).
 Target features are computed once before timing (random-token sequences, loss mask on the
 last 3/4) and the target forward is timed separately: its tokens/s is what online features
 add per training token.
@@ -58,7 +59,7 @@ def random_sequences(n: int, seq_len: int, num_taps: int, dim: int, vocab: int, 
 
 def time_steps(drafter, spec, lm_head, seqs_per_step: list[list[SequenceFeatures]], device, dtype, bf16: bool,
                zero_stage: int, vocab_chunk: int, warmup: int, alphas=(0.1, 0.9, 1.0),
-               keep_probs_mb: float = 0.0) -> dict:
+               keep_probs_mb: float = 0.0, autocast_dtype=None) -> dict:
     """Run warmup + timed optimizer steps (one micro-batch each) through the DeepSpeed engine."""
     weights_K = loss_weights(spec, None)
     model = DraftLoss(drafter, lm_head, weights_K, *alphas, vocab_chunk, keep_probs_mb).to(device)
@@ -71,7 +72,7 @@ def time_steps(drafter, spec, lm_head, seqs_per_step: list[list[SequenceFeatures
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         batch = make_batch(seqs, spec, seed=i, device=device, dtype=dtype)
-        m = train_step(engine, [batch], weights_K, 1)
+        m = train_step(engine, [batch], weights_K, 1, autocast_dtype)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -90,8 +91,9 @@ def cpu_benchmark(args) -> None:
     rows = []
     # each recipe as configured, and DSpark with the loss recomputing logits (loss.keep_probs_mb=0) as the
     # baseline of the kept-probabilities setting the CPU recipes use
-    for recipe, extra in (("dspark_smollm2", []), ("dflash_smollm2", []), ("eagle3_smollm2", []),
-                          ("dspark_smollm2", ["loss.keep_probs_mb=0"])):
+    runs = [(recipe, [], amp) for recipe in ("dspark_smollm2", "dflash_smollm2", "eagle3_smollm2")
+            for amp in (None, torch.bfloat16)] + [("dspark_smollm2", ["loss.keep_probs_mb=0"], None)]
+    for recipe, extra, amp in runs:
         cfg = compose([f"recipe={recipe}", "target.device=cpu", *extra])
         target = target_from_config(cfg, need_tokenizer=False)
         spec = resolve_spec(section(cfg, "drafter"), target.shapes)
@@ -111,9 +113,11 @@ def cpu_benchmark(args) -> None:
         r = time_steps(drafter, spec, target.lm_head_weight, steps, torch.device("cpu"), torch.float32, False, 0,
                        cfg.loss.vocab_chunk, warmup=1, alphas=(cfg.loss.alpha_ce, cfg.loss.alpha_tv,
                                                                cfg.loss.alpha_conf),
-                       keep_probs_mb=cfg.loss.keep_probs_mb)
+                       keep_probs_mb=cfg.loss.keep_probs_mb, autocast_dtype=amp)
         params = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
-        rows.append({"recipe": recipe + (" (recompute)" if extra else ""), "trainable_M": round(params / 1e6, 2), "s/step": round(r["s_per_step"], 2),
+        rows.append({"recipe": recipe + (" (recompute)" if extra else ""),
+                     "precision": "bf16 amp" if amp else "fp32",
+                     "trainable_M": round(params / 1e6, 2), "s/step": round(r["s_per_step"], 2),
                      "anchor_tok/s": round(r["anchor_tokens_per_s"]), "seq/s": round(r["sequences_per_s"], 2),
                      "target_fwd_tok/s": round(target_tps)})
         print(rows[-1], flush=True)
@@ -121,11 +125,14 @@ def cpu_benchmark(args) -> None:
           f"{args.seq_len} tokens, {args.steps} timed steps after 1 warm-up; features precomputed "
           f"(target_fwd_tok/s = online-feature cost)")
     print(format_table(rows))
-    base = rows[1]["anchor_tok/s"]
-    print("anchor-tokens/s relative to DFlash: " + ", ".join(f"{r['recipe']} {r['anchor_tok/s'] / base:.2f}x"
-                                                            for r in rows[:3]))
-    print(f"DSpark kept probabilities vs recompute: {rows[0]['anchor_tok/s'] / rows[3]['anchor_tok/s']:.2f}x "
-          f"anchor-tokens/s")
+    base = rows[2]["anchor_tok/s"]
+    print("fp32 anchor-tokens/s relative to DFlash: " + ", ".join(
+        f"{r['recipe']} {r['anchor_tok/s'] / base:.2f}x" for r in rows[0:6:2]))
+    print("bf16 autocast / fp32 anchor-tokens/s: " + ", ".join(
+        f"{rows[i]['recipe']} {rows[i + 1]['anchor_tok/s'] / rows[i]['anchor_tok/s']:.2f}x"
+        for i in (0, 2, 4)))
+    kept = rows[0]["anchor_tok/s"] / rows[6]["anchor_tok/s"]
+    print(f"DSpark kept probabilities vs recompute (fp32): {kept:.2f}x anchor-tokens/s")
 
 
 def gpu_benchmark(args) -> None:

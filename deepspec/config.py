@@ -115,8 +115,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     global_batch: int = 512  # sequences per optimizer step, across all ranks
     micro_batch: int = 8  # sequences per rank per forward
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (GPU bf16, CPU fp32) | bf16 | fp32 | amp (fp32 weights, bf16 autocast)
     activation_checkpointing: bool = False
+    warm_start: str = "none"  # none | target: drafter layers start as the target's top layers (training/warm_start.py)
     log_every: int = 10
     eval_every: int = 100  # held-out simulated-tau evaluation every M steps (0 = only at the end)
     eval_sequences: int = 32

@@ -65,7 +65,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """a @ b with the result in `acc`. bf16/fp16 on CUDA: half-precision inputs with an
-    fp32 output (no bf16 rounding of logits); elsewhere the inputs are upcast."""
+    fp32 output (no bf16 rounding of logits). On a CPU, when either input is half precision
+    (`trainer.precision=amp` casts the loss inputs), the product runs in that precision (~4x
+    faster with AVX512-BF16) and is returned in `acc`; otherwise the inputs are upcast."""
+    half = a.dtype if a.dtype in _HALF else b.dtype if b.dtype in _HALF else None
+    if half is not None and not a.is_cuda and acc == torch.float32:
+        return (a.to(half) @ b.to(half)).to(acc)
     if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype and acc == torch.float32:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)

@@ -13,6 +13,7 @@ one process with gradient accumulation and N processes give the same update.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
@@ -89,6 +90,28 @@ class DraftLoss(nn.Module):
 
     def losses(self, batch: Batch) -> LossParts:
         out = self.drafter(batch)
+        amp = self._amp_dtype(batch)
+        if amp is not None:
+            with torch.autocast(batch.target_hidden_NKD.device.type, enabled=False):
+                return self._losses(out, batch, amp)
+        return self._losses(out, batch, None)
+
+    def _amp_dtype(self, batch: Batch) -> Optional[torch.dtype]:
+        device = batch.target_hidden_NKD.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+    def _half_lm_head(self, dtype: torch.dtype) -> Tensor:
+        """The frozen LM head in `dtype`, cast once (it never changes)."""
+        cached = getattr(self, "_lm_head_half", None)
+        if cached is None or cached.dtype != dtype:
+            cached = self.lm_head_weight_VD.to(dtype)
+            object.__setattr__(self, "_lm_head_half", cached)
+        return cached
+
+    def _losses(self, out, batch: Batch, amp: Optional[torch.dtype]) -> LossParts:
+        """The loss of the drafter's output. Under amp (bf16 autocast) the chunked losses get bf16
+        inputs, so their vocabulary-sized products run in bf16 while softmax statistics, sums and
+        gradients w.r.t. the fp32 weights stay fp32."""
         w = self.weights_K
         if self.kind == "eagle3":  # soft CE against the target over the (pruned, frozen) draft vocabulary
             draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
@@ -99,9 +122,16 @@ class DraftLoss(nn.Module):
             tv = (w * 2 * (1 - accept) * valid).sum()
             return LossParts(loss, loss.detach(), tv, tv.new_zeros(()), wsum, accept, correct, valid)
         a_ce, a_tv, a_conf = self.alphas
-        r = distill_losses(out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD, batch.labels_NK,
-                           batch.valid_NK, w, out.lowrank_NKR, out.lowrank_weight_RV, out.conf_logit_NK,
-                           a_ce, a_tv, a_conf, self.vocab_chunk, keep_probs_mb=self.keep_probs_mb)
+        hidden, lm_head, target_hidden = out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD
+        lowrank, lowrank_w, conf = out.lowrank_NKR, out.lowrank_weight_RV, out.conf_logit_NK
+        if amp is not None:
+            hidden, lm_head, target_hidden = hidden.to(amp), self._half_lm_head(amp), target_hidden.to(amp)
+            lowrank = None if lowrank is None else lowrank.to(amp)
+            lowrank_w = None if lowrank_w is None else lowrank_w.to(amp)
+            conf = None if conf is None else conf.float()
+        r = distill_losses(hidden, lm_head, target_hidden, batch.labels_NK, batch.valid_NK, w, lowrank,
+                           lowrank_w, conf, a_ce, a_tv, a_conf, self.vocab_chunk,
+                           keep_probs_mb=self.keep_probs_mb)
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
 
@@ -141,8 +171,18 @@ class Tally:
                 "per_position_acceptance": (acc / cnt).tolist(), "per_position_accuracy": (cor / cnt).tolist()}
 
 
-def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int) -> dict:
-    """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree)."""
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Mixed precision for the drafter and its loss: matmuls in ``dtype`` (bf16), weights, gradients and
+    optimizer state stay fp32 (``dtype=None``: a no-op context)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int,
+               autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree).
+    ``autocast_dtype`` (bf16) runs forward and backward under `autocast` (fp32 master weights)."""
     device = next(engine.module.parameters()).device
     local_w = sum(supervised_weight(b, weights_K) for b in batches)
     global_w = float(all_reduce_sum(torch.as_tensor(local_w, dtype=torch.float64, device=device)))
@@ -154,7 +194,8 @@ def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int)
     tally = Tally(weights_K.numel())
     grad_norm = None
     for i, batch in enumerate(batches):
-        parts = LossParts(*engine(batch))
+        with autocast(device, autocast_dtype):
+            parts = LossParts(*engine(batch))
         engine.backward(parts.loss_sum * scale)
         if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = local_grad_norm(engine.module)  # DeepSpeed reports no norm for fp32 without ZeRO
