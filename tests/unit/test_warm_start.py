@@ -84,3 +84,29 @@ def test_bf16_autocast_step_keeps_fp32_master_weights(tiny_target):
     assert losses[1] == pytest.approx(losses[0], rel=0.05)
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos > 0.95
+
+
+def test_cpu_half_products_only_inside_their_context():
+    from deepspec.losses import cpu_half_products, distill_losses
+
+    g = torch.Generator().manual_seed(0)
+    N, K, D, V = 3, 4, 16, 300
+    h = (torch.randn(N, K, D, generator=g) * 3).bfloat16().requires_grad_(True)
+    w = torch.randn(V, D, generator=g).bfloat16()
+    th = (torch.randn(N, K, D, generator=g) * 3).bfloat16()
+    labels = torch.randint(0, V, (N, K), generator=g)
+    valid = torch.ones(N, K, dtype=torch.bool)
+
+    def loss_and_grad(half: bool):
+        h.grad = None
+        with cpu_half_products(half):
+            loss = distill_losses(h, w, th, labels, valid, torch.ones(K), chunk_size=64,
+                                  keep_probs_mb=0).loss_sum
+        loss.backward()  # outside the context: backward follows the forward's setting
+        return float(loss.detach()), h.grad.float().clone()
+
+    exact, g_exact = loss_and_grad(False)
+    assert loss_and_grad(False)[0] == exact
+    fast, g_fast = loss_and_grad(True)
+    assert fast != exact and fast == pytest.approx(exact, rel=2e-2)  # bf16-rounded logits
+    assert torch.nn.functional.cosine_similarity(g_fast.flatten(), g_exact.flatten(), dim=0) > 0.99
