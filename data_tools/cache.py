@@ -12,14 +12,19 @@ A shard (safetensors) holds S sequences, N tokens in total, sequences back to ba
     input_ids  int32 [N]
     loss_mask  uint8 [N]      1 = assistant token (supervised)
     taps       [N, M, D]      tapped layers, storage dtype
-    final      [N, D]         final hidden state (post norm, pre LM head), storage dtype
-    taps_scale fp32 [N, M], final_scale fp32 [N]   (fp8 only)
+    final      [N, D]         final hidden state (post norm, pre LM head), final dtype
+    taps_scale fp32 [N, M]    (fp8 only)
 
 Storage dtypes: fp32, bf16, fp16, fp8 (e4m3, one fp32 scale per token per layer: x ≈
-q * scale with scale = max|x| / 448 over the row's D values). Bytes per token
-(``bytes_per_token``): 4 (id) + 1 (mask) + (M+1)·D·b (+ (M+1)·4 for fp8 scales); the
-per-sequence seq_index/offsets (16 bytes a sequence) are left out. DeepSpec's published
-layout costs 6 + 2·D·(M+1) in bf16.
+q * scale with scale = max|x| / 448 over the row's D values). The final hidden state is
+kept at 16 bits or more whatever the taps use (``final_dtype``: bf16 when the taps are
+fp8): it is where the target distribution p_t comes from, and fp8 rounding of it moves
+p_t by a mean total variation of ~0.02 and flips its argmax at a few % of positions (an
+order of magnitude more than bf16; benchmarks/protocol_ablation.py). Caches written
+before this rule (fp8 ``final`` with a ``final_scale`` row, no ``final_dtype`` in the
+identity) are still read. Bytes per token (``bytes_per_token``): 4 (id) + 1 (mask) +
+M·D·b + D·b_final (+ M·4 for fp8 scales); the per-sequence seq_index/offsets (16 bytes a
+sequence) are left out. DeepSpec's published layout costs 6 + 2·D·(M+1) in bf16.
 
 The manifest lists, per shard: file, sha256, bytes, and per sequence its number, token
 count and split, so the reader builds its index without touching a shard. Shards are
@@ -47,7 +52,7 @@ STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 FP8_MAX = 448.0
 SPLITS = ("train", "heldout")
 IDENTITY_KEYS = ("name", "model_type", "num_layers", "hidden_size", "vocab_size", "stream_collapse",
-                 "tokenizer_hash", "layer_ids")
+                 "tokenizer_hash", "layer_ids", "weights")
 
 
 @dataclass
@@ -70,6 +75,11 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+def final_dtype(dtype: str) -> str:
+    """Storage dtype of the final hidden state in a cache whose taps are stored as ``dtype``."""
+    return "bf16" if check_dtype(dtype) == "fp8" else dtype
+
+
 def encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Storage form of ``x`` [..., D]: (values, per-row fp32 scales [...] or None)."""
     check_dtype(dtype)
@@ -89,7 +99,8 @@ def decode(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 def bytes_per_token(num_taps: int, hidden: int, dtype: str) -> int:
     """Bytes one token costs in this cache (see the module docstring)."""
     b = STORAGE_DTYPES[check_dtype(dtype)].itemsize
-    return 4 + 1 + (num_taps + 1) * hidden * b + ((num_taps + 1) * 4 if dtype == "fp8" else 0)
+    b_final = STORAGE_DTYPES[final_dtype(dtype)].itemsize
+    return 4 + 1 + num_taps * hidden * b + hidden * b_final + (num_taps * 4 if dtype == "fp8" else 0)
 
 
 def deepspec_bytes_per_token(num_taps: int, hidden: int) -> int:
@@ -120,7 +131,7 @@ class EncodedSequence:
     @classmethod
     def from_features(cls, f: SequenceFeatures, dtype: str) -> EncodedSequence:
         taps, taps_scale = encode(f.taps_TMD, dtype)
-        final, final_scale = encode(f.final_TD, dtype)
+        final, final_scale = encode(f.final_TD, final_dtype(dtype))
         return cls(f.input_ids_T.cpu(), f.loss_mask_T.cpu(), taps.cpu(), final.cpu(),
                    None if taps_scale is None else taps_scale.cpu(),
                    None if final_scale is None else final_scale.cpu())
@@ -143,11 +154,11 @@ def write_shard(path: Path, seq_index: list[int], splits: list[str], seqs: list[
                "taps": torch.cat([s.taps_TMD for s in seqs]).contiguous(),
                "final": torch.cat([s.final_TD for s in seqs]).contiguous()}
     if dtype == "fp8":
-        tensors.update(taps_scale=torch.cat([s.taps_scale_TM for s in seqs]).contiguous(),
-                       final_scale=torch.cat([s.final_scale_T for s in seqs]).contiguous())
+        tensors["taps_scale"] = torch.cat([s.taps_scale_TM for s in seqs]).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "dtype": dtype})
+    save_file(tensors, str(tmp),
+              metadata={"format": FORMAT, "dtype": dtype, "final_dtype": final_dtype(dtype)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -172,7 +183,14 @@ def write_manifest(folder: Path, identity: dict[str, Any], fingerprint: dict[str
 
 def check_identity(where: str, have: dict[str, Any], want: dict[str, Any]) -> None:
     """Raise ValueError naming both sides when ``have`` (a cache) does not fit ``want`` (the run)."""
+    from deepspec.guards import weights_mismatch
+
     diff = {k: (have.get(k), want[k]) for k in IDENTITY_KEYS if k in want and have.get(k) != want[k]}
+    if set(diff) == {"weights"}:  # same target by name and shapes, other weights
+        problem = weights_mismatch(f"feature cache at {where}", have, want)
+        if problem:
+            raise ValueError(problem)
+        return
     if diff:
         raise ValueError(
             f"feature cache at {where} was built for target {have.get('name')} (tokenizer "
@@ -180,6 +198,21 @@ def check_identity(where: str, have: dict[str, Any], want: dict[str, Any]) -> No
             f"{want.get('name')} (tokenizer {want.get('tokenizer_hash')}, layers {want.get('layer_ids')}); "
             f"differing (cache, run): {diff}. Rebuild it with `deepspec data features` for this target and "
             f"drafter, or point input= at a matching cache")
+
+
+def shard_path(folder: Path, name: str) -> Path:
+    """``folder / name`` for a manifest's shard entry, refused unless it stays inside ``folder``
+    (a relative path without ``..``): a manifest cannot make the reader open other files."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"feature cache {folder}: {MANIFEST} names shard {name!r}, a path outside the cache "
+                         f"folder; shard paths are relative to it (shards/shard-NNNNN.safetensors). The manifest "
+                         f"was edited or not written by deepspec: rebuild the cache with `deepspec data features`")
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"feature cache {folder}: shard {name!r} resolves outside the cache folder (a symbolic "
+                         f"link?); rebuild the cache with `deepspec data features`")
+    return path
 
 
 class FeatureCache:
@@ -205,7 +238,11 @@ class FeatureCache:
         if expect:
             check_identity(str(self.path), self.identity, expect)
         self.dtype: str = self.identity["storage_dtype"]
+        # caches written before fp8 kept the final hidden state at 16 bits stored it in the taps' dtype
+        self.final_dtype: str = self.identity.get("final_dtype") or self.dtype
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        for shard in self.shards:
+            shard_path(self.path, shard["file"])
         self._where: dict[int, tuple[int, int, int]] = {}  # seq -> (shard, token start, token end)
         self.splits: dict[int, str] = {}
         for k, shard in enumerate(self.shards):
@@ -232,7 +269,7 @@ class FeatureCache:
         if self._verified[k]:
             return
         shard = self.shards[k]
-        file = self.path / shard["file"]
+        file = shard_path(self.path, shard["file"])
         if not file.exists():
             raise FileNotFoundError(f"feature cache {self.path}: shard {file} is missing; rebuild the cache")
         got = file_sha256(file)
@@ -247,7 +284,7 @@ class FeatureCache:
             raise IndexError(f"sequence {i} is not in feature cache {self.path} ({len(self)} sequences)")
         k, a, b = self._where[i]
         self._verify(k)
-        with safe_open(str(self.path / self.shards[k]["file"]), framework="pt") as f:
+        with safe_open(str(shard_path(self.path, self.shards[k]["file"])), framework="pt") as f:
             names = set(f.keys())
 
             def part(name: str) -> torch.Tensor:
@@ -259,3 +296,23 @@ class FeatureCache:
 
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
         return [self[i] for i in indices]
+
+    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]:
+        """Token ids under the loss mask of sequences ``indices`` (long), read from each shard's id and
+        mask columns only: no feature is decoded, no target runs."""
+        missing = [i for i in indices if i not in self._where]
+        if missing:
+            raise IndexError(f"sequences {missing[:5]} are not in feature cache {self.path} "
+                             f"({len(self)} sequences)")
+        by_shard: dict[int, list[int]] = {}
+        for i in indices:
+            by_shard.setdefault(self._where[i][0], []).append(i)
+        out: dict[int, torch.Tensor] = {}
+        for k, seqs in by_shard.items():
+            self._verify(k)
+            with safe_open(str(self.path / self.shards[k]["file"]), framework="pt") as f:
+                ids, mask = f.get_tensor("input_ids"), f.get_tensor("loss_mask").bool()
+            for i in seqs:
+                _, a, b = self._where[i]
+                out[i] = ids[a:b][mask[a:b]].long()
+        return [out[i] for i in indices]

@@ -40,8 +40,10 @@ def prompts(cfg) -> dict[str, Any]:
 
 def regenerate(cfg) -> dict[str, Any]:
     """Regenerate every assistant turn of input=PATH (a prompts folder or a JSONL file) with the
-    target: regen.engine=hf (the target's own model) or openai (regen.urls). Resumable: rerun the
-    same command after an interruption. Writes output_dir/regenerated.jsonl."""
+    target: regen.engine=hf (the target's own model) or openai (regen.urls; the API key is read from
+    the environment variable regen.api_key_env, OPENAI_API_KEY by default, and never written).
+    Resumable: rerun the same command after an interruption; rows that failed are retried.
+    Writes output_dir/regenerated.jsonl."""
     from data_tools.regenerate import SamplingSettings, format_summary, run_regeneration
 
     r = cfg.regen
@@ -49,21 +51,28 @@ def regenerate(cfg) -> dict[str, Any]:
                                 top_k=r.top_k, thinking=r.thinking, max_turns=r.max_turns,
                                 max_seq_len=cfg.data.max_seq_len, seed=r.seed)
     input_path = _input(cfg)
+    provenance = None
     if r.engine == "hf":
         from data_tools.hf_engine import HFEngine
         from deepspec.targets import target_from_config
 
-        engine = HFEngine(target_from_config(cfg), settings, batch_size=r.batch_size,
-                          window_batches=r.window_batches, dtype=r.dtype)
+        target = target_from_config(cfg)
+        engine = HFEngine(target, settings, batch_size=r.batch_size, window_batches=r.window_batches,
+                          dtype=r.dtype)
+        provenance = {"target_source": target.source}
     elif r.engine == "openai":
-        from data_tools.openai_engine import OpenAIEngine
+        from data_tools.openai_engine import OpenAIEngine, api_key_from_env
 
-        engine = OpenAIEngine(list(r.urls), r.model or cfg.target.name, settings, api_key=r.api_key,
+        engine = OpenAIEngine(list(r.urls), r.model or cfg.target.name, settings,
+                              api_key=r.api_key or api_key_from_env(r.api_key_env),
                               concurrency=r.concurrency, retries=r.retries, timeout_s=r.timeout_s,
                               backoff_s=r.backoff_s)
+        provenance = {"urls": list(r.urls)}
     else:
         raise ValueError(f"regen.engine={r.engine!r}; choose hf or openai")
-    summary = run_regeneration(input_path, cfg.output_dir, engine, settings, max_rows=cfg.data.max_rows)
+    summary = run_regeneration(input_path, cfg.output_dir, engine, settings, max_rows=cfg.data.max_rows,
+                               retry_failed=r.retry_failed, max_error_fraction=r.max_error_fraction,
+                               provenance=provenance)
     print0(format_summary(summary))
     return summary
 
@@ -80,8 +89,9 @@ def features(cfg) -> dict[str, Any]:
     summary = write_feature_cache(_input(cfg), target, _layer_ids(cfg, target.shapes), cfg.output_dir,
                                   storage_dtype=f.dtype, max_seq_len=cfg.data.max_seq_len,
                                   shard_tokens=f.shard_tokens, batch_tokens=f.batch_tokens)
-    print0(format_table([{k: summary[k] for k in ("sequences", "tokens", "loss_tokens", "shards", "storage_dtype",
-                                                  "bytes_per_token", "total_bytes", "tokens_per_s")}]))
+    shown = ("sequences", "tokens", "loss_tokens", "shards", "storage_dtype", "final_dtype",
+             "bytes_per_token", "total_bytes", "tokens_per_s")
+    print0(format_table([{k: summary[k] for k in shown}]))
     return summary
 
 
@@ -109,7 +119,13 @@ def estimate(cfg) -> dict[str, Any]:
     """Bytes per token and total size of a feature cache for the recipe's target, tapped layers
     (drafter.layer_ids), features.dtype and data.tokens tokens, without loading the target weights;
     printed beside DeepSpec's published 6 + 2·d·(m+1) bytes/token (bf16)."""
-    from data_tools.cache import STORAGE_DTYPES, bytes_per_token, check_dtype, deepspec_bytes_per_token
+    from data_tools.cache import (
+        STORAGE_DTYPES,
+        bytes_per_token,
+        check_dtype,
+        deepspec_bytes_per_token,
+        final_dtype,
+    )
 
     shapes = target_shapes(cfg)
     layer_ids = _layer_ids(cfg, shapes)
@@ -118,16 +134,19 @@ def estimate(cfg) -> dict[str, Any]:
     tokens = cfg.data.tokens
     if tokens is None or tokens < 0:
         raise ValueError("data.tokens=N is required (tokens to cache), e.g. data.tokens=1000000")
-    rows = [{"dtype": name, "bytes_per_token": bytes_per_token(m, d, name),
+    rows = [{"dtype": name, "final_dtype": final_dtype(name), "bytes_per_token": bytes_per_token(m, d, name),
              "total_GB": bytes_per_token(m, d, name) * tokens / 1e9} for name in STORAGE_DTYPES]
     deepspec = deepspec_bytes_per_token(m, d)
-    rows.append({"dtype": "DeepSpec bf16", "bytes_per_token": deepspec, "total_GB": deepspec * tokens / 1e9})
+    rows.append({"dtype": "DeepSpec bf16", "final_dtype": "bf16", "bytes_per_token": deepspec,
+                 "total_GB": deepspec * tokens / 1e9})
     print0(f"target {cfg.target.name}: hidden {d}, taps {layer_ids} (m={m}); {tokens:,} tokens; "
-           f"layout: 4 B id + 1 B mask + (m+1)·d·bytes (+ (m+1)·4 B fp8 scales)")
+           f"layout: 4 B id + 1 B mask + m·d·bytes + d·final bytes (+ m·4 B fp8 scales; fp8 keeps the final "
+           f"hidden state in bf16)")
     print0(format_table(rows))
     bpt = bytes_per_token(m, d, dtype)
     return {"target": cfg.target.name, "hidden_size": d, "layer_ids": layer_ids, "num_taps": m, "dtype": dtype,
-            "tokens": tokens, "bytes_per_token": bpt, "total_bytes": bpt * tokens,
+            "final_dtype": final_dtype(dtype), "tokens": tokens, "bytes_per_token": bpt,
+            "total_bytes": bpt * tokens,
             "deepspec_bf16_bytes_per_token": deepspec, "deepspec_bf16_total_bytes": deepspec * tokens,
             "ratio_vs_deepspec": round(bpt / deepspec, 4),
             "all_dtypes": {r["dtype"]: r["bytes_per_token"] for r in rows}}

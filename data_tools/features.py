@@ -43,11 +43,13 @@ from data_tools.cache import (
     bytes_per_token,
     check_dtype,
     deepspec_bytes_per_token,
+    final_dtype,
     write_manifest,
     write_shard,
 )
 from data_tools.jsonl import atomic_write_text
 from data_tools.tokenize import ChatSequence, load_sequences, template_hash
+from deepspec.runs import run_started
 
 STATE_FILE = "features_state.json"
 
@@ -64,10 +66,23 @@ class FeatureSource(Protocol):
 
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]: ...
 
+    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]: ...
+
 
 def source_identity(target, layer_ids: Sequence[int], storage_dtype: str | None, max_seq_len: int) -> dict:
     return {**target.identity(), "layer_ids": [int(i) for i in layer_ids], "storage_dtype": storage_dtype,
+            "final_dtype": final_dtype(storage_dtype) if storage_dtype else None,
             "max_seq_len": int(max_seq_len)}
+
+
+def _older_final_rule(old_identity: dict, new_identity: dict) -> str:
+    """A hint when a cache differs from this run only by being written before fp8 caches kept the final
+    hidden state at 16 bits."""
+    if old_identity.get("final_dtype") is None and new_identity.get("final_dtype") != new_identity.get(
+            "storage_dtype") and {**old_identity, "final_dtype": new_identity["final_dtype"]} == new_identity:
+        return (f" (it was written before fp8 caches kept the final hidden state at "
+                f"{new_identity['final_dtype']}; it can still be read as a cache with features.source=cache)")
+    return ""
 
 
 def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -133,6 +148,10 @@ class SplitView:
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
         return self.source.get_batch([self.indices[i] for i in indices])
 
+    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]:
+        """Token ids under the loss mask of these sequences, without running the target."""
+        return self.source.supervised_tokens([self.indices[i] for i in indices])
+
     def flush(self) -> None:
         """Hybrid: write what is computed but not yet in a shard (call at the end of an epoch)."""
         if hasattr(self.source, "flush"):
@@ -153,6 +172,9 @@ class CacheSource:
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
         return [self.cache[self.ids[i]].to(self.device) for i in indices]
 
+    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]:
+        return self.cache.supervised_tokens([self.ids[i] for i in indices])
+
 
 class OnlineSource:
     """Features computed by the resident target inside ``get_batch`` (no disk)."""
@@ -170,6 +192,11 @@ class OnlineSource:
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
         return extract_features(self.target, self.layer_ids, [self.sequences[i] for i in indices],
                                 self.batch_tokens)
+
+    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]:
+        """Token ids under the loss mask, from the tokenized conversations (no target forward)."""
+        return [torch.tensor(s.input_ids)[torch.tensor(s.loss_mask, dtype=torch.bool)]
+                for s in (self.sequences[i] for i in indices)]
 
 
 class HybridSource(OnlineSource):
@@ -189,8 +216,9 @@ class HybridSource(OnlineSource):
         if (self.dir / MANIFEST).exists():
             cache = FeatureCache(self.dir, expect=self.identity)
             if cache.manifest["fingerprint"] != self.fingerprint:
-                raise ValueError(f"hybrid cache_dir {self.dir} was written for other input or settings; "
-                                 f"delete it or choose another features.cache_dir")
+                hint = _older_final_rule(cache.identity, self.identity)
+                raise ValueError(f"hybrid cache_dir {self.dir} was written for other input or "
+                                 f"settings{hint}; delete it or choose another features.cache_dir")
             self.cache, self.shards = cache, list(cache.shards)
         self._pending: dict[int, EncodedSequence] = {}  # computed, not yet in a shard
 
@@ -306,8 +334,10 @@ def write_feature_cache(input_path: str | Path, target, layer_ids: Sequence[int]
             old = json.loads(path.read_text())["fingerprint"]
             if old != fingerprint:
                 diff = {k: (old.get(k), fingerprint[k]) for k in fingerprint if old.get(k) != fingerprint[k]}
+                hint = _older_final_rule(old.get("identity") or {}, identity)
                 raise ValueError(f"{out} holds a feature cache built with other input or settings (old, new): "
-                                 f"{diff}; rerun with those settings to resume, or delete {out}")
+                                 f"{diff}{hint}; rerun with those settings to resume, or delete {out}")
+    run_started()  # every check passed: the command's config is recorded
     if state_path.exists():
         state = json.loads(state_path.read_text())
     plan = plan_shards([len(s.input_ids) for s in sequences], shard_tokens)
@@ -342,6 +372,7 @@ def write_feature_cache(input_path: str | Path, target, layer_ids: Sequence[int]
     return {"sequences": manifest["sequences"], "tokens": manifest["tokens"],
             "loss_tokens": manifest["loss_tokens"], "splits": manifest["splits"], "dropped": dict(dropped),
             "shards": len(entries), "resumed_shards": resumed, "storage_dtype": storage_dtype,
+            "final_dtype": identity["final_dtype"],
             "layer_ids": layer_ids, "bytes_per_token": manifest["bytes_per_token"],
             "measured_bytes_per_token": round(shard_bytes / manifest["tokens"], 2),
             "deepspec_bf16_bytes_per_token": deepspec_bytes_per_token(m, target.hidden_size),

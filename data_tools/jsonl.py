@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 _WHITESPACE = " \t\n\r"
+NOT_UTF8 = "not valid UTF-8"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -86,20 +87,24 @@ def iter_jsonl(
 ) -> Iterator[tuple[int, Any | JsonLineError]]:
     """Yield ``(line_no, obj)`` for each non-blank line of a JSONL file (1-based).
 
-    ``on_error`` decides what a line that is not valid JSON does: ``"raise"`` raises
+    ``on_error`` decides what a line that is not valid JSON (or not UTF-8) does: ``"raise"`` raises
     ``ValueError`` naming file and line, ``"yield"`` yields ``(line_no, JsonLineError)``,
     ``"skip"`` ignores it.
     """
     if on_error not in ("raise", "yield", "skip"):
         raise ValueError(f"on_error must be 'raise', 'yield' or 'skip', got {on_error!r}")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                err = JsonLineError(str(path), line_no, exc.msg, line[:80])
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                text = raw.decode("utf-8", "replace")
+                message = exc.msg if isinstance(exc, json.JSONDecodeError) else \
+                    f"{NOT_UTF8} (byte {exc.start} of the line)"
+                err = JsonLineError(str(path), line_no, message, text[:80])
                 if on_error == "raise":
                     raise ValueError(f"{err}; fix or remove the line") from exc
                 if on_error == "yield":

@@ -8,6 +8,10 @@ server URLs round-robin. A request that fails with a connection error, a timeout
 context) end the row as ``error`` at once. ``timeout_s`` bounds a whole row (all its
 turns and retries). Uses only the standard library (``urllib``).
 
+The API key (``Authorization: Bearer``) comes from the environment (``api_key_from_env``,
+``regen.api_key_env``) and stays in memory: it is not part of the engine's identity, and
+error messages never include request headers.
+
 The thinking switch is sent as ``chat_template_kwargs: {"enable_thinking": ...}`` (the
 vLLM / SGLang extension); a reply's ``reasoning_content`` (servers with a reasoning
 parser) is kept on the assistant message.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
 import threading
 import time
 import urllib.error
@@ -28,6 +34,17 @@ from typing import Any
 from data_tools.regenerate import InputRow, RowResult, SamplingSettings
 
 RETRY_STATUS = {408, 429}
+
+
+def api_key_from_env(name: str | None) -> str | None:
+    """The API key in environment variable ``name`` (None when unset or empty)."""
+    if not name:
+        return None
+    if not name.replace("_", "").isalnum():
+        raise ValueError("regen.api_key_env is not an environment variable name (its value is not shown: it may "
+                         "be the key itself); set it to the name of the variable holding the key, e.g. "
+                         "OPENAI_API_KEY")
+    return os.environ.get(name) or None
 
 
 class RequestFailed(RuntimeError):
@@ -100,6 +117,12 @@ class OpenAIEngine:
         result.messages = history
         return result
 
+    def _scrub(self, text: str) -> str:
+        """``text`` (a server's error body) without the key, whole or echoed in part (``sk-ab***yz``)."""
+        if self.api_key:
+            text = text.replace(self.api_key, "<api key>")
+        return re.sub(r"\bsk-[\w*.-]+", "<api key>", text)
+
     def _payload(self, messages: list[dict[str, Any]]) -> bytes:
         s = self.settings
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": s.max_new_tokens,
@@ -126,7 +149,7 @@ class OpenAIEngine:
                 with urllib.request.urlopen(request, timeout=remaining) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
-                detail = exc.read()[:200].decode("utf-8", "replace")
+                detail = self._scrub(exc.read()[:200].decode("utf-8", "replace"))
                 last = f"HTTP {exc.code} from {url}: {detail}"
                 if exc.code not in RETRY_STATUS and exc.code < 500:
                     raise RequestFailed(last) from None

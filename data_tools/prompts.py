@@ -298,6 +298,12 @@ def prepare_prompts(
         per_source[name] = stats
         valid.append(kept)
 
+    empty = {n: s for n, s in per_source.items() if s["rows_valid"] == 0}
+    if empty:
+        detail = "; ".join(f"{s['path']}: {s['rows_read']} rows read, dropped {dict(s['dropped']) or 'none'}"
+                           for s in empty.values())
+        raise ValueError(f"no usable prompt in {', '.join(empty)} ({detail}): a source must hold JSON Lines or a "
+                         f"JSON array of chat rows (messages or ShareGPT conversations) in UTF-8; fix or remove it")
     counts = mix_counts([len(v) for v in valid], weights, max_rows)
     train: list[Row] = []
     heldout: list[Row] = []

@@ -11,17 +11,24 @@ row keeps its split) or one JSON Lines file (canonical rows, or any format
 ``data_tools.prompts.normalise_row`` reads; a row's ``split`` field is kept, default
 ``train``). ``max_rows`` keeps the first rows in that order.
 
-Accounting: every input row ends as exactly one of ``success`` / ``error`` / ``skipped``.
-Skipped reasons: ``bad_json``, the ``normalise_row`` drop reasons (e.g. ``no_user_turn``),
-``prompt_too_long`` (the first prompt leaves no room under ``max_seq_len``). A later turn
-that no longer fits ends the conversation after the last answered turn
+Accounting: every input row ends as exactly one of ``success`` / ``truncated`` / ``error`` /
+``skipped``. ``truncated``: the conversation was regenerated but at least one assistant turn hit
+``max_new_tokens`` (or the room left under ``max_seq_len``) before its end-of-turn token;
+``meta.regen.finish_reasons`` says which (``length``). Its text trains the drafter, but the
+tokenizer supervises no end-of-turn token after a cut turn (the target never chose to stop there).
+Skipped reasons: ``bad_json``, ``not_utf8`` (undecodable bytes), the ``normalise_row`` drop
+reasons (e.g. ``no_user_turn``), ``prompt_too_long`` (the first prompt leaves no room under
+``max_seq_len``). A later turn that no longer fits ends the conversation after the last answered turn
 (``meta.regen.turns_dropped``).
 
-Resume: ``output_dir/regen_state.json`` records a fingerprint of the input and the
-settings that change answers; each finished row is appended (and fsynced) to
-``output_dir/journal.jsonl``. A restart with the same settings skips journalled rows; a
-torn last line (SIGKILL mid-write) is cut off. At the end ``regenerated.jsonl`` is
-written atomically, one row per input row in input order, each with ``status``.
+Resume: ``output_dir/regen_state.json`` records a fingerprint of the input, the settings
+that change answers and the target (its weights fingerprint, for engine=hf); each finished
+row is appended (and fsynced) to ``output_dir/journal.jsonl``. A restart with the same
+settings skips journalled rows and retries the ``error`` rows (``regen.retry_failed``); a
+torn last line (SIGKILL mid-write) is cut off. A run where every row, or more than
+``regen.max_error_fraction`` of them, failed exits non-zero with the first error; otherwise
+``regenerated.jsonl`` is written atomically at the end, one row per input row in input
+order, each with ``status``.
 With sampling (temperature > 0) each batch is seeded from ``seed`` and its first row,
 so a resumed run draws different (equally valid) samples than an uninterrupted one.
 """
@@ -41,13 +48,14 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from data_tools.cache import file_sha256
-from data_tools.jsonl import atomic_write_text, iter_jsonl, write_jsonl_atomic
+from data_tools.jsonl import NOT_UTF8, atomic_write_text, iter_jsonl, write_jsonl_atomic
 from data_tools.prompts import normalise_row
 
 OUTPUT_FILE = "regenerated.jsonl"
 JOURNAL_FILE = "journal.jsonl"
 STATE_FILE = "regen_state.json"
-STATUSES = ("success", "error", "skipped")
+STATUSES = ("success", "truncated", "error", "skipped")
+TRAINABLE = ("success", "truncated")  # rows whose messages are the regenerated conversation
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ class RowResult:
     """What an engine reports for one row."""
 
     index: int
-    status: str  # success | error | skipped
+    status: str  # success | error | skipped (output_row turns a success with a cut turn into truncated)
     messages: list[dict[str, Any]] | None = None  # the regenerated conversation (success)
     reason: str | None = None  # skip reason or error message
     new_tokens: int = 0
@@ -143,7 +151,8 @@ def read_input_rows(input_path: str | Path, max_rows: int | None = None) -> tupl
 def _input_row(index: int, obj: Any, split: str | None, file: Path, line_no: int) -> InputRow:
     fallback_id = f"{file.stem}:{line_no}"
     if not isinstance(obj, dict):  # JsonLineError or not an object
-        reason = "not_an_object" if not hasattr(obj, "line_no") else "bad_json"
+        reason = "not_an_object" if not hasattr(obj, "line_no") else \
+            "not_utf8" if obj.message.startswith(NOT_UTF8) else "bad_json"
         return InputRow(index, fallback_id, split or "train", file.stem, [], {}, reason)
     split = split or str(obj.get("split", "train"))
     canonical = isinstance(obj.get("id"), str) and isinstance(obj.get("messages"), list) and all(
@@ -162,39 +171,59 @@ def _input_row(index: int, obj: Any, split: str | None, file: Path, line_no: int
 
 
 class Journal:
-    """Append-only record of finished rows in ``output_dir`` (see module docstring)."""
+    """Append-only record of finished rows in ``output_dir`` (see module docstring).
 
-    def __init__(self, output_dir: Path, fingerprint: dict[str, Any]):
+    A row journalled more than once (an error retried by a later run) counts as its last entry.
+    """
+
+    def __init__(self, output_dir: Path, fingerprint: dict[str, Any], provenance: dict[str, Any] | None = None):
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         state_path = self.dir / STATE_FILE
         if state_path.exists():
-            old = json.loads(state_path.read_text())["fingerprint"]
-            if old != fingerprint:
-                diff = {k: (old.get(k), fingerprint.get(k)) for k in set(old) | set(fingerprint)
-                        if old.get(k) != fingerprint.get(k)}
-                raise ValueError(f"{self.dir} holds a regeneration run with other settings "
-                                 f"(key: (old, new)) {diff}; rerun with the old settings to resume, or "
-                                 f"delete {self.dir} / choose another output_dir to start afresh")
-        else:
-            atomic_write_text(state_path, json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
+            _check_fingerprint(self.dir, json.loads(state_path.read_text()), fingerprint)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not state_path.exists():
+            state = {"fingerprint": fingerprint, **({"provenance": provenance} if provenance else {})}
+            atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
         self.path = self.dir / JOURNAL_FILE
         self.done: dict[int, dict[str, Any]] = {}
         if self.path.exists():
             _cut_torn_tail(self.path)
             for _, row in iter_jsonl(self.path):
-                self.done.setdefault(int(row["index"]), row)
+                self.done[int(row["index"])] = row
         self._file = open(self.path, "a", encoding="utf-8")
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
             self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.done.setdefault(int(row["index"]), row)
+            self.done[int(row["index"])] = row
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
+
+
+def _check_fingerprint(folder: Path, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume a run recorded with other input, settings or target weights."""
+    from deepspec.guards import accept_changed_weights, weights_mismatch
+
+    old = state["fingerprint"]
+    old_engine, new_engine = dict(old.get("engine") or {}), dict(fingerprint.get("engine") or {})
+    if new_engine.get("engine") == "hf" and old_engine.get("weights") != new_engine.get("weights"):
+        recorded = {**old_engine, "source": (state.get("provenance") or {}).get("target_source")}
+        problem = weights_mismatch(f"the regeneration journal in {folder}", recorded, new_engine)
+        if problem:
+            raise ValueError(problem + " (or choose another output_dir)")
+    if accept_changed_weights():
+        old_engine.pop("weights", None)
+        new_engine.pop("weights", None)
+    old, new = {**old, "engine": old_engine}, {**fingerprint, "engine": new_engine}
+    if old != new:
+        diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+        raise ValueError(f"{folder} holds a regeneration run with other settings "
+                         f"(key: (old, new)) {diff}; rerun with the old settings to resume, or "
+                         f"delete {folder} / choose another output_dir to start afresh")
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -210,8 +239,11 @@ def output_row(row: InputRow, result: RowResult, regen_meta: dict[str, Any]) -> 
     meta = dict(row.meta)
     meta["regen"] = dict(regen_meta, new_tokens=result.new_tokens, finish_reasons=result.finish_reasons,
                          turns_dropped=result.turns_dropped)
+    status = result.status
+    if status == "success" and "length" in result.finish_reasons:
+        status = "truncated"
     out = {"index": row.index, "id": row.id, "split": row.split, "source": row.source,
-           "status": result.status, "messages": result.messages if result.status == "success" else row.messages,
+           "status": status, "messages": result.messages if status in TRAINABLE else row.messages,
            "meta": meta}
     if result.reason is not None:
         out["reason" if result.status == "skipped" else "error"] = result.reason
@@ -219,25 +251,51 @@ def output_row(row: InputRow, result: RowResult, regen_meta: dict[str, Any]) -> 
 
 
 def run_regeneration(input_path: str | Path, output_dir: str | Path, engine: Engine, settings: SamplingSettings,
-                     max_rows: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Regenerate every row of ``input_path`` into ``output_dir``; returns the summary."""
+                     max_rows: int | None = None, progress: bool = True, retry_failed: bool = True,
+                     max_error_fraction: float = 0.1, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Regenerate every row of ``input_path`` into ``output_dir``; returns the summary.
+
+    ``retry_failed``: rows journalled as ``error`` by an earlier run are regenerated again.
+    When every row this run regenerated failed, or more than ``max_error_fraction`` of them, a
+    RuntimeError naming the first error is raised and ``regenerated.jsonl`` is not written; the
+    journal keeps the successes for the next run.
+    ``provenance`` (e.g. the target's source) is recorded in regen_state.json, never compared.
+    """
+    from deepspec.runs import run_started
+
+    if not 0 <= max_error_fraction <= 1:
+        raise ValueError(f"regen.max_error_fraction={max_error_fraction}: choose a fraction in [0, 1]")
     t0 = time.perf_counter()
     output_dir = Path(output_dir)
     rows, digest = read_input_rows(input_path, max_rows)
+    _check_rows(input_path, rows)
     fingerprint = {"input_sha256": digest, "engine": engine.identity, "sampling": asdict(settings)}
     regen_meta = {"engine": engine.identity.get("engine"), "model": engine.identity.get("name"),
                   **asdict(settings)}
-    journal = Journal(output_dir, fingerprint)
-    resumed = sum(1 for r in rows if r.index in journal.done)
+    journal = Journal(output_dir, fingerprint, provenance)
+    run_started()
+
+    def settled(r: InputRow) -> bool:
+        done = journal.done.get(r.index)
+        return done is not None and not (retry_failed and done["status"] == "error")
+
+    resumed = sum(1 for r in rows if settled(r))
+    retried = sum(1 for r in rows if r.index in journal.done and not settled(r))
     by_index = {r.index: r for r in rows}
+    attempted = failed = 0
+    first_error = None
     try:
         journal.append(output_row(r, RowResult(r.index, "skipped", reason=r.skip_reason), regen_meta)
-                       for r in rows if r.skip_reason and r.index not in journal.done)
-        todo = [r for r in rows if r.index not in journal.done]
+                       for r in rows if r.skip_reason and not settled(r))
+        todo = [r for r in rows if not settled(r)]
         new_tokens = 0
         bar = tqdm(total=len(todo), desc="regenerate", unit=" rows", disable=not progress)
         for result in engine.generate_rows(todo):
             journal.append([output_row(by_index[result.index], result, regen_meta)])
+            attempted += 1
+            if result.status == "error":
+                failed += 1
+                first_error = first_error or f"row {by_index[result.index].id}: {result.reason}"
             new_tokens += result.new_tokens
             bar.update(1)
             bar.set_postfix(tok_s=f"{new_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
@@ -248,11 +306,30 @@ def run_regeneration(input_path: str | Path, output_dir: str | Path, engine: Eng
     if missing:
         raise RuntimeError(f"engine {engine.identity.get('engine')} returned no result for rows {missing[:10]} "
                            f"({len(missing)} rows): rerun the same command to resume them")
+    if failed and (failed == attempted or failed > max_error_fraction * attempted):
+        raise RuntimeError(f"{failed} of the {attempted} rows regenerated by this run failed (allowed: fewer than "
+                           f"all and at most regen.max_error_fraction={max_error_fraction}); first error: "
+                           f"{first_error}. The {attempted - failed} successes are kept in {journal.path}: fix the "
+                           f"cause (server down? wrong regen.urls or model?) and rerun the same command, which "
+                           f"retries the failed rows (regen.retry_failed=true)")
     final = [journal.done[r.index] for r in rows]
     write_jsonl_atomic(output_dir / OUTPUT_FILE, final)
     summary = _summary(rows, final, resumed, new_tokens, time.perf_counter() - t0, fingerprint, output_dir)
     summary["input"] = str(input_path)
+    summary["retried_rows"] = retried
     return summary
+
+
+def _check_rows(input_path: str | Path, rows: list[InputRow]) -> None:
+    """Refuse an input with no row to regenerate, saying why its rows were skipped."""
+    if not rows:
+        raise ValueError(f"input={input_path} holds no rows (empty file?): point it at a `deepspec data prompts` "
+                         f"folder or a JSONL file of chat rows")
+    if all(r.skip_reason for r in rows):
+        reasons = Counter(r.skip_reason for r in rows)
+        raise ValueError(f"input={input_path}: none of its {len(rows)} rows can be regenerated ({dict(reasons)}); "
+                         f"expected one JSON object per line with `messages` (role/content) or ShareGPT "
+                         f"`conversations`, UTF-8 encoded")
 
 
 def _summary(rows: list[InputRow], final: list[dict[str, Any]], resumed: int, new_tokens: int, elapsed: float,
@@ -265,19 +342,21 @@ def _summary(rows: list[InputRow], final: list[dict[str, Any]], resumed: int, ne
                            f"{dict(status)} results; delete {output_dir / JOURNAL_FILE} and rerun")
     skipped = Counter(r.get("reason", "?") for r in final if r["status"] == "skipped")
     errors = [{"id": r["id"], "error": r.get("error")} for r in final if r["status"] == "error"][:10]
-    splits = Counter(r["split"] for r in final if r["status"] == "success")
-    return {"input_rows": len(rows), "success": status["success"], "error": status["error"],
-            "skipped": status["skipped"], "skipped_by_reason": dict(skipped), "error_samples": errors,
+    splits = Counter(r["split"] for r in final if r["status"] in TRAINABLE)
+    return {"input_rows": len(rows), "success": status["success"], "truncated": status["truncated"],
+            "error": status["error"], "skipped": status["skipped"], "skipped_by_reason": dict(skipped),
+            "error_samples": errors,
             "resumed_rows": resumed, "new_tokens": new_tokens, "elapsed_s": round(elapsed, 2),
             "tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 else None,
-            "success_by_split": dict(splits), "engine": fingerprint["engine"],
+            "trainable_by_split": dict(splits), "engine": fingerprint["engine"],
             "sampling": fingerprint["sampling"], "output": str(output_dir / OUTPUT_FILE)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     s = summary
-    lines = [f"rows {s['input_rows']}: success {s['success']}, error {s['error']}, skipped {s['skipped']}"
-             f" {s['skipped_by_reason'] or ''} (resumed {s['resumed_rows']})",
+    lines = [f"rows {s['input_rows']}: success {s['success']}, truncated {s['truncated']}, "
+             f"error {s['error']}, skipped {s['skipped']} {s['skipped_by_reason'] or ''} "
+             f"(resumed {s['resumed_rows']})",
              f"new tokens {s['new_tokens']} in {s['elapsed_s']} s ({s['tokens_per_s']} tok/s)",
              f"output: {s['output']}"]
     lines += [f"error {e['id']}: {e['error']}" for e in s["error_samples"][:3]]

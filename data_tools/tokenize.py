@@ -14,19 +14,22 @@ character offsets. For assistant message i the supervised character span is:
 
 A token is supervised when its first character lies in [start, end), plus the first
 token at or after ``end`` when it is a special token (the end-of-turn token:
-``<|im_end|>``, ``<|eot_id|>``, ...). The newline a template puts after the end-of-turn
-token, and every role header, stay unsupervised.
+``<|im_end|>``, ``<|eot_id|>``, ...) -- except after a turn the target did not finish (a
+regenerated turn cut at the length limit: the template closes it, the target never chose to).
+The newline a template puts after the end-of-turn token, and every role header, stay unsupervised.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data_tools.jsonl import iter_jsonl
+from data_tools.regenerate import TRAINABLE
 
 
 @dataclass
@@ -63,8 +66,11 @@ def _content_span(text: str, content: str, start: int) -> tuple[int, int] | None
 
 
 def tokenize_chat(tokenizer, messages: list[dict[str, Any]], enable_thinking: bool | None = None,
-                  max_len: int | None = None) -> TokenizedChat:
+                  max_len: int | None = None, cut_turns: Collection[int] = ()) -> TokenizedChat:
     """Token ids, loss mask and assistant spans of a conversation (see the module docstring).
+
+    ``cut_turns``: ordinals (0 = first assistant message) of turns cut at the length limit; their
+    end-of-turn token is not supervised.
 
     Raises ValueError naming the turn when an assistant message cannot be located in the
     rendered text (a template that rewrites content)."""
@@ -76,9 +82,11 @@ def tokenize_chat(tokenizer, messages: list[dict[str, Any]], enable_thinking: bo
     mask = [False] * len(ids)
     spans: list[tuple[int, int]] = []
     cursor = 0
+    assistant_turn = -1
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        assistant_turn += 1
         prompt = _render(tokenizer, messages[:i], True, enable_thinking)
         start = len(prompt) if text.startswith(prompt) and len(prompt) >= cursor else cursor
         content = str(m.get("content") or "")
@@ -92,7 +100,7 @@ def tokenize_chat(tokenizer, messages: list[dict[str, Any]], enable_thinking: bo
         cursor = end
         tok = [k for k, (a, _) in enumerate(offsets) if start <= a < end]
         after = next((k for k, (a, b) in enumerate(offsets) if a >= end and b > a), None)
-        if after is not None and ids[after] in special:
+        if after is not None and ids[after] in special and assistant_turn not in cut_turns:
             tok.append(after)
         for k in tok:
             mask[k] = True
@@ -143,8 +151,9 @@ def conversation_rows(input_path: str | Path) -> tuple[list[tuple[int, Any]], li
 def load_sequences(input_path: str | Path, tokenizer, max_seq_len: int) -> tuple[list[ChatSequence], Counter, str]:
     """Tokenized conversations with loss masks, the dropped-row count per reason, and a digest
     of the input and tokenizer (for resume fingerprints). Rows with a ``status`` other than
-    ``success`` (regenerate errors / skips) and rows with no supervised token are dropped.
-    The chat template is rendered with the thinking switch the row was regenerated with."""
+    ``success`` or ``truncated`` (regenerate errors / skips) and rows with no supervised token are
+    dropped. The chat template is rendered with the thinking switch the row was regenerated with;
+    a turn whose ``meta.regen.finish_reasons`` entry is ``length`` gets no end-of-turn label."""
     rows, files = conversation_rows(input_path)
     digest = hashlib.sha256()
     for file in files:
@@ -156,12 +165,14 @@ def load_sequences(input_path: str | Path, tokenizer, max_seq_len: int) -> tuple
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             dropped["no_messages"] += 1
             continue
-        if row.get("status", "success") != "success":
+        if row.get("status", "success") not in TRAINABLE:
             dropped[f"regen_{row['status']}"] += 1
             continue
-        thinking = ((row.get("meta") or {}).get("regen") or {}).get("thinking")
+        regen = (row.get("meta") or {}).get("regen") or {}
+        cut = [k for k, reason in enumerate(regen.get("finish_reasons") or []) if reason == "length"]
         try:
-            chat = tokenize_chat(tokenizer, row["messages"], enable_thinking=thinking, max_len=max_seq_len)
+            chat = tokenize_chat(tokenizer, row["messages"], enable_thinking=regen.get("thinking"),
+                                 max_len=max_seq_len, cut_turns=cut)
         except ValueError:
             dropped["template_mismatch"] += 1
             continue

@@ -3,8 +3,8 @@
     deepspec <command> [subcommand] recipe=NAME key=value ... [--cfg job]
 
 Each command is a function `run(cfg) -> summary dict` in its own module, callable from
-tests; this file composes the config, makes the output directory, calls it and writes
-`summary.json`.
+tests; this file composes the config and hands it to `deepspec.runs.run_command` (checks,
+output-directory lock, the call, `summary.json`).
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print((_resolve(target).__doc__ or "").strip())
         return 0
 
-    from deepspec.config import ConfigError, compose, to_yaml
-    from deepspec.runs import prepare_output_dir, write_summary
+    from deepspec.config import ConfigError, compose
+    from deepspec.guards import redacted_yaml
+    from deepspec.runs import run_command
 
     try:
         cfg = compose(overrides, default_recipe=default_recipe)
@@ -120,21 +121,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"deepspec {cmd}: config error: {exc}", file=sys.stderr)
         return 2
     if print_cfg:
-        print(to_yaml(cfg))
+        print(redacted_yaml(cfg))
         return 0
-    func = _resolve(target)
-    prepare_output_dir(cfg)
+    name = f"{cmd} {sub}" if sub else cmd
     try:
-        summary = func(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        return run_command(name, _resolve(target), cfg)
+    except (ValueError, OSError, RuntimeError) as exc:
         if os.environ.get("DEEPSPEC_TRACEBACK"):
             raise
-        print(f"deepspec {cmd}: error: {exc}", file=sys.stderr)
+        from deepspec.runs import os_error_message
+
+        text = os_error_message(exc) if isinstance(exc, OSError) and exc.errno is not None else str(exc)
+        print(f"deepspec {name}: error: {text}", file=sys.stderr)
         print("(set DEEPSPEC_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 1
-    if summary is not None:
-        write_summary(cfg.output_dir, summary)
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ class TargetConfig:
     random_config: dict[str, Any] = field(default_factory=dict)  # config overrides for random:MODEL_TYPE
     seed: int = 0  # weights seed of random:MODEL_TYPE targets
     chat_template: Optional[str] = None  # replaces the tokenizer's chat template when set
+    # accept caches, journals and drafters recorded for this target name with other weights
+    accept_changed_weights: bool = False
 
 
 @dataclass
@@ -45,7 +47,12 @@ class LossConfig:
     alpha_ce: float = 0.1
     alpha_tv: float = 0.9
     alpha_conf: float = 1.0
-    gamma_w: Optional[float] = None  # position decay exp(-(k-1)/gamma_w); None = block size (paper)
+    # DFlash/DSpark position weights w_k = exp(-(k-1)/gamma_w), k = 1..block_size. 4.0 is the reference
+    # trainer's constant (w_7 = 0.22 for an 8-slot block); None = the block size (the paper's text).
+    gamma_w: Optional[float] = 4.0
+    # Eagle3 loss: sequence = mean per sequence, then over sequences (the reference's; a token mean
+    # lets long answers dominate) | token = mean over every supervised token of the step
+    eagle3_normalise: str = "sequence"
     vocab_chunk: int = 16384  # LM head + losses are computed in vocabulary chunks of this size
     keep_probs_mb: float = 0.0  # DFlash/DSpark: keep probabilities for backward when they fit (CPU: ~2x faster)
 
@@ -77,13 +84,16 @@ class RegenConfig:
     thinking: bool = False  # passed to chat templates that support enable_thinking
     urls: list[str] = field(default_factory=list)  # OpenAI-compatible servers (engine=openai)
     model: Optional[str] = None  # served model name (engine=openai); None = target.name
-    api_key: Optional[str] = None
+    api_key: Optional[str] = None  # prefer api_key_env: a key given here is never written to config.yaml
+    api_key_env: str = "OPENAI_API_KEY"  # engine=openai: environment variable read at run time
     concurrency: int = 8
     retries: int = 3
     timeout_s: float = 300.0
     max_turns: Optional[int] = None  # regenerate at most this many assistant turns per row
     seed: int = 0  # sampling seed (temperature > 0), per batch / request
     backoff_s: float = 1.0  # engine=openai: retry backoff base (backoff_s * 2**attempt)
+    retry_failed: bool = True  # a rerun retries rows that ended as error (false: they stay final)
+    max_error_fraction: float = 0.1  # more failed rows than this (of rows to regenerate): exit non-zero
     window_batches: int = 4  # engine=hf: rows are sorted by prompt length within batch_size * this
     dtype: str = "auto"  # engine=hf: auto (bf16 on AVX512-BF16/AMX CPUs, CUDA) | float32 | bfloat16 | float16
 
@@ -223,6 +233,7 @@ class RootConfig:
     draft: Optional[str] = None  # a checkpoint directory written by `train`
     init_from: Optional[str] = None  # warm start: drafter weights only, no optimizer state
     resume: str = "none"  # none | auto | PATH
+    overwrite: bool = False  # train: replace the run in output_dir; export: write into a non-empty folder
     format: Optional[str] = None  # export format: vllm | sglang | hf | v4
     seed: int = 0
     target: TargetConfig = field(default_factory=TargetConfig)

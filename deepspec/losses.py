@@ -309,7 +309,8 @@ class _ChunkedCETV(torch.autograd.Function):
 
 def position_weights(block_size: int, gamma_w: float | None) -> Tensor:
     """w_k = exp(-(k-1)/gamma_w) for k = 1..block_size; gamma_w None means block_size
-    (the paper's choice; DeepSpec's code uses 4.0). Returns float32 [block_size]."""
+    (the paper's text; the reference trainer and `loss.gamma_w`'s default use 4.0). Returns float32
+    [block_size]."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     gamma = float(block_size if gamma_w is None else gamma_w)
@@ -429,6 +430,25 @@ def simulated_tau(accept_NK: Tensor, valid_NK: Tensor) -> Tensor:
 # ------------------------------------------------------------------ Eagle3 soft CE
 
 
+def eagle3_row_weights(valid_NK: Tensor, weights_K: Tensor, seq_len: int, per_sequence: bool) -> Tensor:
+    """Weight of each (row, TTT step) in the Eagle3 loss sum, rows n = b * seq_len + t.
+
+    Token mean (``per_sequence=False``): w_k on every valid row; after the trainer divides by the
+    global weight sum, every supervised token counts the same, so long answers dominate.
+    Per-sequence mean (the reference's choice): w_k / n_bk, with n_bk the valid rows of sequence b at
+    step k; the weights then sum to w_k per sequence and step, and every sequence counts the same.
+    """
+    N, K = valid_NK.shape
+    if N % seq_len:
+        raise ValueError(f"eagle3_row_weights: {N} rows are not whole sequences of {seq_len}")
+    w_K = weights_K.to(valid_NK.device, torch.float32)
+    valid = valid_NK.float()
+    if not per_sequence:
+        return valid * w_K
+    v_BTK = valid.view(N // seq_len, seq_len, K)
+    return (v_BTK / v_BTK.sum(1, keepdim=True).clamp_min(1.0) * w_K).view(N, K)
+
+
 class _ChunkedSoftCE(torch.autograd.Function):
     """Per-row -sum_v q_v log p_d(v) over the draft vocabulary, chunked; q = softmax of the
     target logits of the draft vocabulary's target ids. Also 1 - TV and both argmaxes."""
@@ -494,12 +514,13 @@ def eagle_soft_ce(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eagle3 soft cross-entropy sum (SPEC §2.3) over N rows of K TTT steps.
 
-    loss = sum_{valid} w_k * (-sum_v q_v log p_d(v)) with p_d = softmax(h Wd^T) over the
+    loss = sum_{valid} w * (-sum_v q_v log p_d(v)) with p_d = softmax(h Wd^T) over the
     draft vocabulary (size v) and q = softmax over v of the target logits
     target_hidden @ Wt[draft_to_target_v]^T, i.e. the target distribution restricted
     to the draft vocabulary and renormalised. draft_to_target_v holds the *absolute*
     target id of each draft entry (i + d2t[i] for the offset form); None means the
-    vocabularies are the same. Both LM heads are frozen.
+    vocabularies are the same. Both LM heads are frozen. weights_K: w per step [K], or per row and
+    step [N, K] (`eagle3_row_weights`).
 
     Returns (loss_sum differentiable, weight_sum, accept_NK = 1 - 0.5||p_d - q||_1,
     correct_NK = argmax p_d == argmax q), metrics detached and zero/False where invalid.
@@ -509,7 +530,7 @@ def eagle_soft_ce(
     _check_shape("target_hidden_NKD", target_hidden_NKD, (N, K, target_lm_weight_VD.shape[1]))
     _check_shape("draft_lm_weight_vD", draft_lm_weight_vD, (v, D))
     _check_shape("valid_NK", valid_NK, (N, K))
-    _check_shape("weights_K", weights_K, (K,))
+    _check_shape("weights_K", weights_K, (N, K) if weights_K.dim() == 2 else (K,))
     _check_frozen("draft_lm_weight_vD", draft_lm_weight_vD)
     _check_frozen("target_lm_weight_VD", target_lm_weight_VD)
     if draft_to_target_v is None:
@@ -529,7 +550,7 @@ def eagle_soft_ce(
     valid_NK = valid_NK.bool()
     idx_M = valid_NK.reshape(-1).nonzero()[:, 0]
     acc = _acc_dtype(hidden_NKD.dtype)
-    w_M = weights_K.to(hidden_NKD.device, acc).expand(N, K).reshape(-1)[idx_M]
+    w_M = weights_K.to(hidden_NKD.device, acc).expand(N, K).reshape(-1)[idx_M]  # [K] or [N, K]
     loss_M, accept_M, correct_M = _ChunkedSoftCE.apply(
         hidden_NKD.reshape(N * K, D)[idx_M], draft_lm_weight_vD,
         target_hidden_NKD.reshape(N * K, -1)[idx_M].detach(), target_lm_weight_VD, d2t_v,

@@ -13,8 +13,8 @@ parameters counted. Printed and returned (summary.json):
   ZeRO-1 shards the 12 B, ZeRO-2 also the grads, ZeRO-3 everything, over nodes x gpus_per_node.
   Activations are an estimate for one micro-batch (formula in `activation_bytes`).
 - cache_bytes_per_token per storage dtype, as `deepspec data features` stores them (int32 id + mask
-  byte + the m taps and the final hidden; fp8 adds a 4-byte scale per row), and the terabytes for
-  `plan.tokens` tokens.
+  byte + the m taps and the final hidden; fp8 adds a 4-byte scale per tap row and keeps the final
+  hidden in bf16), and the terabytes for `plan.tokens` tokens.
 - an expected cost: GPU-hours for `trainer.epochs` over `plan.tokens`, per micro-step the larger
   of compute (at `plan.mfu` of an H100's bf16 peak) and ZeRO traffic (stage 3: all-gather the bf16
   weights for forward and backward + reduce-scatter the grads = 6 B/param; stages 0-2: all-reduce

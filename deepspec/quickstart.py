@@ -140,7 +140,7 @@ def _summarise(results: dict, times: dict, reused: dict, p_sum: dict, r_sum: dic
         "total_seconds": round(sum(times.values()), 1),
         "reused_stages": [k for k, v in reused.items() if v],
         "prompts": {"rows_train": p_sum.get("rows_train"), "rows_heldout": p_sum.get("rows_heldout")},
-        "regenerated": {k: r_sum.get(k) for k in ("input_rows", "success", "error", "skipped")},
+        "regenerated": {k: r_sum.get(k) for k in ("input_rows", "success", "truncated", "error", "skipped")},
     }
 
 

@@ -12,16 +12,22 @@ row t sees the step-0 keys of rows s <= t (causal) plus the keys of steps 1..j a
 row t. Output hidden per step is `hidden_NKD` (N = B*T rows, K steps) for the loss
 (weights ttt_decay**j, soft CE against the target's distribution).
 
-Vocabulary pruning (draft_vocab_size): keep the most frequent target tokens; `d2t` offsets
+Vocabulary pruning (draft_vocab_size): keep the target tokens most frequent among the supervised
+tokens of the whole training set (`count_supervised_tokens`); `d2t` offsets
 (target_id = i + d2t[i]) and the `t2d` mask are buffers (saved, exported). Choice: the draft
 LM head is the *frozen* slice of the target's LM head at the kept ids (SPEC §2: every drafter
 shares the target's LM head, frozen, never in optimizer state), not a trainable copy as
 SpecForge trains; the exporter writes `lm_head` = target_lm_head[draft_to_target()] for the
 engines. Without pruning the drafter uses the target's LM head as it is.
+
+No q/k norm by default, whatever the target has: the Eagle3 layers vLLM and SGLang load are
+Llama attention without per-head RMSNorm, so a drafter that copied a Qwen3 target's q/k norm
+could not be served. `drafter.qk_norm=true` still builds one (refused by the export check).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -49,7 +55,29 @@ def build_vocab_map(token_counts_V: Tensor, n_keep: int) -> tuple[Tensor, Tensor
 
 def count_tokens(ids_list: list[Tensor], vocab_size: int) -> Tensor:
     """Token frequency over training sequences (input to `build_vocab_map`)."""
-    return sum(torch.bincount(ids.flatten().cpu(), minlength=vocab_size) for ids in ids_list)
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids in ids_list:
+        counts += torch.bincount(ids.flatten().cpu().long(), minlength=vocab_size)
+    return counts
+
+
+def count_supervised_tokens(source, vocab_size: int, chunk: int = 1024) -> Tensor:
+    """Frequency of every supervised token of a feature source, read with `source.supervised_tokens`
+    (a cache's id and mask columns, or the tokenized conversations: the target never runs)."""
+    read = getattr(source, "supervised_tokens", None)
+    if read is None:
+        raise TypeError(f"{type(source).__name__} cannot list its supervised token ids: Eagle3's draft "
+                        f"vocabulary is counted from them (use a feature cache or regenerated conversations)")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for start in range(0, len(source), chunk):
+        counts += count_tokens(read(list(range(start, min(start + chunk, len(source))))), vocab_size)
+    return counts
+
+
+def vocab_coverage(token_counts_V: Tensor, t2d_V: Tensor) -> float:
+    """Share of the counted tokens the draft vocabulary `t2d_V` holds (any other is a forced rejection)."""
+    total = int(token_counts_V.sum())
+    return float(token_counts_V[t2d_V.to(token_counts_V.device)].sum()) / total if total else float("nan")
 
 
 class Eagle3Layer(nn.Module):
@@ -97,7 +125,7 @@ class Eagle3Drafter(SharedTargetMixin, nn.Module):
         super().__init__()
         self.spec = resolve_spec(spec, shapes)
         self.shapes = shapes
-        self.dims = layer_dims(self.spec, shapes)
+        self.dims = replace(layer_dims(self.spec, shapes), qk_norm=bool(self.spec.qk_norm))  # engines: none
         D, V = shapes.hidden_size, shapes.vocab_size
         self.fc = nn.Linear(len(self.spec.layer_ids) * D, D, bias=False)
         self.midlayer = Eagle3Layer(self.dims)

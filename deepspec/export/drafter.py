@@ -130,11 +130,7 @@ def _write_engine(exp, out: Path, sts_temperatures) -> list[str]:
 
 def _write_hf(drafter: nn.Module, out: Path, dtype: str, sts_temperatures) -> list[str]:
     """deepspec's own layout: save_drafter files (in `dtype`) + config.json + sts.json."""
-    src = Path(save_drafter(out, drafter))
-    state = load_file(str(src / WEIGHTS_FILE))
-    target = getattr(torch, dtype)
-    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    save_file(state, str(src / WEIGHTS_FILE), metadata={"format_version": "1"})
+    save_drafter(out, drafter, dtype=getattr(torch, dtype))
     config = {"architectures": [hf_architecture(drafter.spec.kind)], "model_type": "deepspec_drafter",
               "torch_dtype": dtype, "deepspec": deepspec_block(drafter, "hf", sts_temperatures)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -11,8 +11,9 @@ written, the layer ids in deepspec's and the engine's convention, and every warn
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from deepspec.runs import format_table, print0
+from deepspec.runs import clear_folder, format_table, print0, run_started
 
 EXPORT_FORMATS = ("vllm", "sglang", "hf", "v4", "hf-target")
 
@@ -33,6 +34,7 @@ def run(cfg) -> dict:
     if fmt == "hf-target":
         from deepspec.export.target import export_target
 
+        _start(cfg)
         t = cfg.target
         summary = export_target(t.source, cfg.output_dir, gguf_file=t.gguf_file, dtype=t.dtype,
                                 chat_template=t.chat_template)
@@ -42,12 +44,15 @@ def run(cfg) -> dict:
 
     from deepspec.drafters.io import load_drafter
     from deepspec.export.drafter import export_drafter, find_sts, resolve_draft_dir
+    from deepspec.runs import check_export_output
 
     draft_dir = resolve_draft_dir(cfg.draft)
+    check_export_output(cfg.output_dir, draft_dir, cfg.overwrite)
     drafter = load_drafter(draft_dir)
     target_note = None
     if drafter.spec.kind == "eagle3" and drafter.spec.draft_vocab_size is not None and fmt in ("vllm", "sglang"):
         target_note = _attach_target(cfg, drafter, draft_dir)  # the pruned LM head is a slice of the target's
+    _start(cfg)
     if fmt == "v4":
         import torch
 
@@ -65,6 +70,14 @@ def run(cfg) -> dict:
     return summary
 
 
+def _start(cfg) -> None:
+    """Every check passed: clear an earlier export (overwrite=true) and record the config."""
+    out = Path(cfg.output_dir)
+    if cfg.overwrite and out.is_dir():
+        clear_folder(out)
+    run_started()
+
+
 def _attach_target(cfg, drafter, draft_dir) -> str:
     """Load the target the drafter was trained against (the training run's recorded config when
     present, else the recipe's) and attach it; refuse a target of other shapes."""
@@ -79,6 +92,9 @@ def _attach_target(cfg, drafter, draft_dir) -> str:
         if "target" in run_cfg:
             source_cfg, where = run_cfg, str(recorded)
     target = target_from_config(source_cfg, need_tokenizer=False)
+    from deepspec.drafters.io import check_target
+
+    check_target(draft_dir, {**target.identity(), "source": target.source})
     if (target.vocab_size, target.hidden_size) != (drafter.shapes.vocab_size, drafter.shapes.hidden_size):
         raise ValueError(f"target {target.name} from {where} has vocab {target.vocab_size} x hidden "
                          f"{target.hidden_size}; the drafter at {draft_dir} was trained for vocab "

@@ -50,7 +50,10 @@ def target_from_config(cfg, need_tokenizer: bool = True) -> FrozenTarget:
 
 
 def _load_from_section(t, need_tokenizer: bool) -> FrozenTarget:
-    return load_target(source=t.source, name=t.name, gguf_file=t.gguf_file, tokenizer=t.tokenizer, dtype=t.dtype,
-                       device=t.device, device_map=t.device_map, stream_collapse=t.stream_collapse,
-                       random_config=dict(t.random_config), seed=t.seed, chat_template=t.chat_template,
-                       need_tokenizer=need_tokenizer)
+    target = load_target(source=t.source, name=t.name, gguf_file=t.gguf_file, tokenizer=t.tokenizer,
+                         dtype=t.dtype,
+                         device=t.device, device_map=t.device_map, stream_collapse=t.stream_collapse,
+                         random_config=dict(t.random_config), seed=t.seed, chat_template=t.chat_template,
+                         need_tokenizer=need_tokenizer)
+    target.source = t.source
+    return target

@@ -58,6 +58,8 @@ class FrozenTarget:
             tokenizer.chat_template = chat_template
         self.name = name
         self.stream_collapse = stream_collapse
+        self.source: Optional[str] = None  # where it was loaded from (recorded beside the weights fingerprint)
+        self._weights_fp: Optional[str] = None
         self.shapes: TargetShapes = shapes_from_hf_config(model.config)
         self._layers = self._find_layers(model)
 
@@ -141,7 +143,16 @@ class FrozenTarget:
     def identity(self) -> dict:
         return {"name": self.name, "model_type": self.shapes.model_type, "num_layers": self.num_layers,
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
-                "stream_collapse": self.stream_collapse, "tokenizer_hash": self.tokenizer_hash()}
+                "stream_collapse": self.stream_collapse, "tokenizer_hash": self.tokenizer_hash(),
+                "weights": self.weights_fingerprint()}
+
+    def weights_fingerprint(self) -> str:
+        """Content identity of the frozen weights (computed once): see deepspec.guards."""
+        if self._weights_fp is None:
+            from deepspec.guards import weights_fingerprint
+
+            self._weights_fp = weights_fingerprint(self.model)
+        return self._weights_fp
 
     # -- chat -------------------------------------------------------------------------------
     @property

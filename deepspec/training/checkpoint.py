@@ -6,7 +6,7 @@ Layout under `output_dir/checkpoints/`:
         drafter.safetensors       `save_drafter`: the directory works as `draft=PATH`
         drafter_config.json
         training_state.json       step, data position, best τ so far, config fingerprint
-        rng/rank_00000.pt         python / numpy / torch / cuda RNG of every rank
+        rng/rank_00000.pt         python / numpy / torch / cuda RNG of every rank, as plain tensors
         engine/                   DeepSpeed checkpoint: weights, optimizer, lr scheduler
     final/                        the same, written at the end of the run
     best/                         drafter only: the held-out simulated-τ best (best.json says when)
@@ -14,11 +14,16 @@ Layout under `output_dir/checkpoints/`:
 
 A checkpoint directory is written under a temporary name and renamed when every rank
 has finished, so `latest` never names half a checkpoint (SIGKILL-safe).
+
+Loading runs no code from the checkpoint: the RNG files and DeepSpeed's engine files are read
+with `torch.load(weights_only=True)` (tensors, numbers, strings and a few DeepSpeed value types
+only; anything else is refused), the drafter weights are safetensors checked against their sha256.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -30,7 +35,8 @@ import torch
 
 from deepspec.drafters.io import save_drafter
 from deepspec.runs import atomic_write
-from deepspec.training.distributed import DistEnv, barrier, full_parameters
+from deepspec.training.distributed import (DistEnv, barrier, full_parameters, load_engine_checkpoint,
+                                           refusal_reason)
 
 STATE_FILE = "training_state.json"
 
@@ -55,18 +61,48 @@ def step_name(step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and numbers only (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_file(path: Path) -> dict:
+    """A rank's RNG file, read without running code; a damaged or foreign file is refused."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete (or was written with another "
+                                f"number of ranks); resume from another checkpoint")
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path} holds Python objects deepspec never writes there (only tensors and numbers), "
+                         f"and was not loaded because unpickling them could run code "
+                         f"({refusal_reason(exc)}); resume only from checkpoints you or this deepspec "
+                         f"version wrote, or start afresh (resume=none)") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path} cannot be read ({str(exc).splitlines()[0]}): the file is truncated or "
+                         f"damaged; resume from another checkpoint (e.g. an earlier step_* directory)") from None
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state) \
+            or not isinstance(state["python"], dict):
+        raise ValueError(f"{path} is not an RNG state written by this deepspec version; resume from a "
+                         f"checkpoint it wrote, or start afresh (resume=none)")
+    return state
 
 
 def save_checkpoint(engine, drafter: torch.nn.Module, output_dir, name: str, state: TrainState,
@@ -82,7 +118,7 @@ def save_checkpoint(engine, drafter: torch.nn.Module, output_dir, name: str, sta
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank:05d}.pt")
     with full_parameters(drafter):
         if env.is_rank0:
-            save_drafter(tmp, drafter)
+            save_drafter(tmp, drafter, target=fingerprint.get("target"))
     barrier()
     if env.is_rank0:
         record = {**asdict(state), "world_size": env.world_size, "fingerprint": fingerprint}
@@ -105,14 +141,16 @@ def _rotate(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(drafter: torch.nn.Module, output_dir, step: int, tau: float, env: DistEnv) -> Path:
-    """Drafter weights of the best held-out simulated τ so far, in `checkpoints/best` (draft=PATH)."""
+def save_best(drafter: torch.nn.Module, output_dir, step: int, tau: float, env: DistEnv,
+              target: Optional[dict] = None) -> Path:
+    """Drafter weights of the best held-out simulated τ so far, in `checkpoints/best` (draft=PATH);
+    `target`: the identity of the target it belongs to."""
     best = checkpoints_dir(output_dir) / "best"
     with full_parameters(drafter):
         if env.is_rank0:
             tmp = best.with_name(".best.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            save_drafter(tmp, drafter)
+            save_drafter(tmp, drafter, target=target)
             atomic_write(tmp / "best.json", json.dumps({"step": step, "simulated_tau": tau}) + "\n")
             shutil.rmtree(best, ignore_errors=True)
             tmp.rename(best)
@@ -158,7 +196,11 @@ def load_checkpoint(engine, path: Path, fingerprint: dict, env: DistEnv) -> Trai
 
     Refuses a checkpoint whose config fingerprint differs from this run's, naming the keys.
     """
-    record: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
+    try:
+        record: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path / STATE_FILE} is not valid JSON ({exc}): the checkpoint is damaged; resume "
+                         f"from another one (e.g. an earlier step_* directory)") from None
     diff = fingerprint_diff(record.get("fingerprint", {}), fingerprint)
     if record.get("world_size") != env.world_size:
         diff.append(f"world_size: {record.get('world_size')} -> {env.world_size}")
@@ -166,24 +208,20 @@ def load_checkpoint(engine, path: Path, fingerprint: dict, env: DistEnv) -> Trai
         raise ValueError(f"cannot resume from {path}: it was written by a different configuration; differing "
                          f"keys: {'; '.join(diff)}. Resume with the checkpoint's settings, or start afresh with "
                          f"resume=none (init_from={path} warm-starts from its weights)")
-    load_path, _ = engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the engine state in {path / 'engine'}")
-    rng_file = path / "rng" / f"rank_{env.rank:05d}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    rng = load_rng_file(path / "rng" / f"rank_{env.rank:05d}.pt")
+    load_engine_checkpoint(engine, path, tag="engine")
+    set_rng_state(rng)
     fields = {k: record[k] for k in TrainState.__dataclass_fields__ if k in record}
     return TrainState(**fields)
 
 
-def load_weights(drafter: torch.nn.Module, path) -> dict:
+def load_weights(drafter: torch.nn.Module, path, target: Optional[dict] = None) -> dict:
     """Warm start (init_from): copy a saved drafter's weights into `drafter`; no optimizer state.
 
-    Returns the source's drafter config. Refuses a drafter of another shape, naming the tensors.
+    Returns the source's drafter config. Refuses a drafter of another shape, naming the tensors,
+    a damaged weights file (sha256) and a drafter recorded for other target weights than `target`.
     """
-    from safetensors.torch import load_file
-
-    from deepspec.drafters.io import CONFIG_FILE, WEIGHTS_FILE
+    from deepspec.drafters.io import CONFIG_FILE, WEIGHTS_FILE, check_target, read_config, read_weights
 
     src = Path(path)
     if not (src / WEIGHTS_FILE).exists() and (src / "checkpoints" / "final" / WEIGHTS_FILE).exists():
@@ -191,7 +229,9 @@ def load_weights(drafter: torch.nn.Module, path) -> dict:
     if not (src / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"init_from={path}: no {WEIGHTS_FILE} there; point it at a checkpoint directory "
                                 f"(e.g. RUN/checkpoints/final) or a run directory")
-    saved = load_file(str(src / WEIGHTS_FILE))
+    if target is not None:
+        check_target(src, target)
+    saved = read_weights(src)
     own = drafter.state_dict()
     bad = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
            if k in saved and saved[k].shape != v.shape]
@@ -202,4 +242,14 @@ def load_weights(drafter: torch.nn.Module, path) -> dict:
                          f"{bad[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}; check drafter.* and "
                          f"the target against {src / CONFIG_FILE}")
     drafter.load_state_dict({k: v.to(own[k].dtype) for k, v in saved.items()})
-    return json.loads((src / CONFIG_FILE).read_text())
+    return read_config(src)
+
+
+def clear_run(output_dir) -> None:
+    """overwrite=true: delete the previous run's checkpoints, metrics and logs from `output_dir`
+    (called when the new run starts, after every check passed)."""
+    out = Path(output_dir)
+    for name in ("checkpoints", "tensorboard", "wandb"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "loss_curve.png", "summary.json", "config.yaml"):
+        (out / name).unlink(missing_ok=True)

@@ -194,3 +194,48 @@ def shutdown() -> None:
     """Leave the process group (tests call train() many times in one process)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _deepspeed_value_types() -> list:
+    """The non-tensor classes DeepSpeed's own checkpoint files hold (plain values, no code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def refusal_reason(exc: Exception) -> str:
+    """The line of a weights-only unpickling error that names the refused object."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0].split(". Please")[0]
+
+
+def load_engine_checkpoint(engine, path, tag: str = "engine") -> None:
+    """`engine.load_checkpoint` (weights, optimizer, scheduler) with every `torch.load` inside it
+    forced to weights_only=True: a checkpoint from another source cannot run code on load."""
+    import pickle
+
+    original = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_value_types()):
+            load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}/{tag}: refused to load the DeepSpeed state: it holds objects other than "
+                         f"tensors and DeepSpeed's own values, and unpickling them could run code "
+                         f"({refusal_reason(exc)}); resume only from checkpoints you wrote") from None
+    except (RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path}/{tag}: the DeepSpeed state cannot be read ({str(exc).splitlines()[0]}): "
+                         f"truncated or damaged; resume from another checkpoint") from None
+    finally:
+        torch.load = original
+    if load_path is None:
+        raise ValueError(f"DeepSpeed found no engine state in {path}/{tag}: resume from a complete checkpoint")

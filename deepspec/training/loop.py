@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from deepspec.drafters.packing import (Eagle3Batch, PackedBatch, SequenceFeatures, batch_sequences,
                                        pack_blocks)
 from deepspec.drafters.spec import DrafterSpec
-from deepspec.losses import block_tau, cpu_half_products, distill_losses, eagle_soft_ce, position_weights
+from deepspec.losses import (block_tau, cpu_half_products, distill_losses, eagle3_row_weights, eagle_soft_ce,
+                             position_weights)
 from deepspec.training.distributed import all_reduce_sum
 
 Batch = Union[PackedBatch, Eagle3Batch]
@@ -51,11 +52,6 @@ def make_batch(seqs: list[SequenceFeatures], spec: DrafterSpec, seed: int, devic
     return batch.to(device, dtype)
 
 
-def supervised_weight(batch: Batch, weights_K: Tensor) -> Tensor:
-    """Sum of position weights over supervised positions: the loss normaliser's share of this batch."""
-    return (batch.valid_NK.float() * weights_K.to(batch.valid_NK.device)).sum()
-
-
 @dataclass
 class LossParts:
     """Weighted sums for one micro-batch (loss_sum differentiable, the rest detached)."""
@@ -74,8 +70,10 @@ class DraftLoss(nn.Module):
     """The drafter plus its distillation loss; the frozen LM head is a plain attribute, not a parameter."""
 
     def __init__(self, drafter: nn.Module, lm_head_weight_VD: Tensor, weights_K: Tensor, alpha_ce: float,
-                 alpha_tv: float, alpha_conf: float, vocab_chunk: int, keep_probs_mb: float = 0.0):
+                 alpha_tv: float, alpha_conf: float, vocab_chunk: int, keep_probs_mb: float = 0.0,
+                 eagle3_per_sequence: bool = True):
         super().__init__()
+        self.eagle3_per_sequence = eagle3_per_sequence  # Eagle3: per-sequence (True) or token mean
         self.drafter = drafter
         self.kind = drafter.spec.kind
         object.__setattr__(self, "lm_head_weight_VD", lm_head_weight_VD.detach())
@@ -115,11 +113,12 @@ class DraftLoss(nn.Module):
         w = self.weights_K
         if self.kind == "eagle3":  # soft CE against the target over the (pruned, frozen) draft vocabulary
             draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
+            w_NK = self.row_weights(batch)
             loss, wsum, accept, correct = eagle_soft_ce(
-                out.hidden_NKD, draft_head, batch.target_hidden_NKD, self.lm_head_weight_VD, batch.valid_NK, w,
-                out.draft_to_target_v, self.vocab_chunk)
+                out.hidden_NKD, draft_head, batch.target_hidden_NKD, self.lm_head_weight_VD, batch.valid_NK,
+                w_NK, out.draft_to_target_v, self.vocab_chunk)
             valid = batch.valid_NK.bool()
-            tv = (w * 2 * (1 - accept) * valid).sum()
+            tv = (w_NK * 2 * (1 - accept) * valid).sum()
             return LossParts(loss, loss.detach(), tv, tv.new_zeros(()), wsum, accept, correct, valid)
         a_ce, a_tv, a_conf = self.alphas
         hidden, lm_head, target_hidden = out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD
@@ -135,6 +134,13 @@ class DraftLoss(nn.Module):
                                keep_probs_mb=self.keep_probs_mb)
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
+
+    def row_weights(self, batch: Batch) -> Tensor:
+        """Loss weight of each (row, position) of `batch` [N, K]; zero where unsupervised."""
+        if self.kind == "eagle3":
+            return eagle3_row_weights(batch.valid_NK, self.weights_K, batch.input_ids_BT.shape[1],
+                                      self.eagle3_per_sequence)
+        return batch.valid_NK.float() * self.weights_K.to(batch.valid_NK.device)
 
 
 def astuple_shallow(parts: LossParts) -> tuple[Tensor, ...]:
@@ -185,7 +191,7 @@ def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int,
     """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree).
     ``autocast_dtype`` (bf16) runs forward and backward under `autocast` (fp32 master weights)."""
     device = next(engine.module.parameters()).device
-    local_w = sum(supervised_weight(b, weights_K) for b in batches)
+    local_w = sum(engine.module.row_weights(b).sum() for b in batches)
     global_w = float(all_reduce_sum(torch.as_tensor(local_w, dtype=torch.float64, device=device)))
     if global_w <= 0:
         raise ValueError("this optimizer step has no supervised positions on any rank: check the loss masks")

@@ -60,5 +60,5 @@ class TargetGeneratedSource:
                 self._cache[i] = self._make(i)
         return [self._cache[i] for i in indices]
 
-    def token_ids(self, indices: list[int]) -> list[torch.Tensor]:
-        return [s.input_ids_T for s in self.get_batch(indices)]
+    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]:
+        return [s.input_ids_T[s.loss_mask_T] for s in self.get_batch(indices)]

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepspec.config import section
 from deepspec.drafters import build_drafter, resolve_spec
-from deepspec.runs import format_table, print0, rank, world_size
+from deepspec.guards import redacted
+from deepspec.runs import format_table, print0, rank, run_started, world_size
 from deepspec.training import checkpoint as ckpt
 from deepspec.training.data import eval_plan, plan_step, steps_for_epochs
 from deepspec.training.distributed import (DistEnv, build_engine, deepspeed_json, grad_accum_steps,
@@ -82,18 +83,23 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     torch.manual_seed(cfg.seed)
     drafter = build_drafter(spec, target.shapes)
     drafter.attach_target(target.embed_tokens, target.lm_head_weight)
+    target_id = {**target.identity(), "source": getattr(target, "source", None)}
     if cfg.init_from:
-        ckpt.load_weights(drafter, cfg.init_from)
+        ckpt.load_weights(drafter, cfg.init_from, target=target_id)
         print0(f"[train] init_from={cfg.init_from}: drafter weights loaded (fresh optimizer, step 0)")
     else:
         apply_warm_start(drafter, target, tr.warm_start)
     if not cfg.init_from and spec.kind == "eagle3" and spec.draft_vocab_size is not None:
-        set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size)
+        set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size, heldout_source)
     if tr.activation_checkpointing:
         apply_activation_checkpointing(drafter)
     weights_K = loss_weights(spec, cfg.loss.gamma_w)
+    if cfg.loss.eagle3_normalise not in ("sequence", "token"):
+        raise ValueError(f"loss.eagle3_normalise={cfg.loss.eagle3_normalise!r}; choose sequence (mean per "
+                         f"sequence, the reference's) or token (mean over all supervised tokens)")
     model = DraftLoss(drafter, target.lm_head_weight, weights_K, cfg.loss.alpha_ce, cfg.loss.alpha_tv,
-                      cfg.loss.alpha_conf, cfg.loss.vocab_chunk, cfg.loss.keep_probs_mb).to(env.device)
+                      cfg.loss.alpha_conf, cfg.loss.vocab_chunk, cfg.loss.keep_probs_mb,
+                      eagle3_per_sequence=cfg.loss.eagle3_normalise == "sequence").to(env.device)
 
     ds = cfg.deepspeed
     ds_config = deepspeed_json(ds.zero_stage, tr.micro_batch, grad_accum, env.world_size, tr.lr, tuple(tr.betas),
@@ -110,6 +116,9 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         print0(f"[train] resumed from {resume_from} at step {state.step}")
     elif cfg.resume == "auto":
         print0(f"[train] resume=auto: no checkpoint under {ckpt.checkpoints_dir(cfg.output_dir)}; starting afresh")
+    if cfg.overwrite and env.is_rank0:
+        ckpt.clear_run(cfg.output_dir)  # every check passed: the previous run goes now
+    run_started()
 
     heldout = heldout_source
     if heldout is None or len(heldout) < env.world_size:
@@ -128,14 +137,14 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
                           "precision": "bf16" if bf16 else "amp" if amp else "fp32"}]))
 
     logger = RunLogger(cfg.output_dir, env.is_rank0, total_steps, state.step, tr.wandb, tr.wandb_project,
-                       Path(cfg.output_dir).name, OmegaConf.to_container(cfg), tr.tensorboard, tr.progress)
+                       Path(cfg.output_dir).name, redacted(cfg), tr.tensorboard, tr.progress)
 
     def run_eval(step: int) -> dict:
         result = evaluate(engine.module, eval_batches, env.device)
         logger.eval(step, result)
         if state.best_tau is None or result["simulated_tau"] > state.best_tau:
             state.best_tau, state.best_step = result["simulated_tau"], step
-            ckpt.save_best(drafter, cfg.output_dir, step, result["simulated_tau"], env)
+            ckpt.save_best(drafter, cfg.output_dir, step, result["simulated_tau"], env, target=target_id)
         return result
 
     if state.step == 0 and state.initial_tau is None:
@@ -222,19 +231,27 @@ def run_fingerprint(cfg: DictConfig, spec, target, bf16: bool) -> dict:
     }
 
 
-def set_eagle3_vocab(drafter, source, vocab_size: int, n_keep: int, max_sequences: int = 4096) -> None:
-    """Eagle3 pruned vocabulary from token frequencies of the training data (the first sequences)."""
-    from deepspec.drafters.eagle3 import build_vocab_map, count_tokens
+def set_eagle3_vocab(drafter, source, vocab_size: int, n_keep: int, heldout=None) -> dict:
+    """Eagle3 pruned vocabulary: the `n_keep` tokens most frequent over every supervised token of the
+    training source, read from token ids (no target forward). Returns the token count and coverages."""
+    from deepspec.drafters.eagle3 import build_vocab_map, count_supervised_tokens, vocab_coverage
 
-    read = getattr(source, "token_ids", None)
-    n = min(len(source), max_sequences if read else 64)  # without token_ids, counting costs target forwards
-    ids = []
-    for i in range(0, n, 16):
-        chunk = list(range(i, min(i + 16, n)))
-        ids += read(chunk) if read else [s.input_ids_T for s in source.get_batch(chunk)]
-    d2t, t2d = build_vocab_map(count_tokens(ids, vocab_size), n_keep)
+    t0 = time.perf_counter()
+    counts = count_supervised_tokens(source, vocab_size)
+    if int(counts.sum()) == 0:
+        raise ValueError("the training data has no supervised token: Eagle3's draft vocabulary cannot be "
+                         "counted (check the loss masks of the input)")
+    d2t, t2d = build_vocab_map(counts, n_keep)
     drafter.set_vocab_map(d2t, t2d)
-    print0(f"[train] Eagle3 draft vocabulary: {n_keep} most frequent of {vocab_size} tokens over {n} sequences")
+    info = {"sequences": len(source), "tokens": int(counts.sum()),
+            "train_coverage": vocab_coverage(counts, t2d)}
+    if heldout is not None and len(heldout) and hasattr(heldout, "supervised_tokens"):
+        info["heldout_coverage"] = vocab_coverage(count_supervised_tokens(heldout, vocab_size), t2d)
+    held = f", held-out {info['heldout_coverage']:.2%}" if "heldout_coverage" in info else ""
+    print0(f"[train] Eagle3 draft vocabulary: {n_keep} most frequent of {vocab_size} tokens over "
+           f"{info['tokens']:,} supervised tokens of {len(source)} sequences "
+           f"({time.perf_counter() - t0:.1f} s); coverage: train {info['train_coverage']:.2%}{held}")
+    return info
 
 
 def apply_activation_checkpointing(drafter) -> None:

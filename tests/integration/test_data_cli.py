@@ -42,14 +42,15 @@ def test_data_contract_on_smollm2(tmp_path):
 
     regen = deepspec(tmp_path, "regenerate", "recipe=dspark_smollm2", "input=P16", "data.max_rows=8",
                      "regen.max_new_tokens=32", "output_dir=R")
-    assert regen["input_rows"] == regen["success"] + regen["error"] + regen["skipped"] == 8
-    assert regen["success"] > 0 and regen["engine"]["engine"] == "hf"
+    trainable = regen["success"] + regen["truncated"]
+    assert regen["input_rows"] == trainable + regen["error"] + regen["skipped"] == 8
+    assert trainable > 0 and regen["engine"]["engine"] == "hf"
     rows = [json.loads(x) for x in (tmp_path / "R" / "regenerated.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(8))
     assert all(r["meta"]["regen"]["max_new_tokens"] == 32 for r in rows)
 
     feats = deepspec(tmp_path, "features", "recipe=dspark_smollm2", "input=R", "output_dir=F")
-    assert feats["sequences"] == regen["success"] - feats["dropped"].get("no_loss_tokens", 0)
+    assert feats["sequences"] == trainable - feats["dropped"].get("no_loss_tokens", 0)
     assert feats["tokens"] > 0 and feats["loss_tokens"] > 0 and feats["bytes_per_token"] > 0
 
     from data_tools.cache import FeatureCache
@@ -61,6 +62,6 @@ def test_data_contract_on_smollm2(tmp_path):
     assert torch.isfinite(seq.taps_TMD).all() and seq.loss_mask_T.any()
 
     est = deepspec(tmp_path, "estimate", "recipe=dspark_smollm2", "features.dtype=fp8", "data.tokens=1000000")
-    assert est["bytes_per_token"] == 5 + 576 * 6 + 6 * 4
+    assert est["bytes_per_token"] == 5 + 576 * 5 + 2 * 576 + 5 * 4  # fp8 taps, bf16 final hidden state
     assert est["total_bytes"] == est["bytes_per_token"] * 1_000_000
     assert est["deepspec_bf16_bytes_per_token"] == 6 + 2 * 576 * 6

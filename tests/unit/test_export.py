@@ -136,8 +136,8 @@ def test_key_check_refuses_what_vllm_would_misread(tiny_target, tmp_path):
     dflash, _ = make(tiny_target, "dflash", head="none")
     with pytest.raises(ExportCheckError, match="block semantics"):
         export_drafter(dflash, "vllm", tmp_path / "c", dtype="float32", dflash_layout="dflash")
-    # a Qwen3-family Eagle3 has q/k norm that vLLM's Llama Eagle3 layer lacks
-    eagle, _ = make(tiny_target, "eagle3")
+    # an Eagle3 built with q/k norm (drafter.qk_norm=true) has weights vLLM's Llama Eagle3 layer lacks
+    eagle, _ = make(tiny_target, "eagle3", qk_norm=True)
     with pytest.raises(ExportCheckError, match=r"midlayer\.self_attn\.q_norm\.weight"):
         export_drafter(eagle, "vllm", tmp_path / "d", dtype="float32")
     # nothing was written by a refused export
@@ -254,6 +254,36 @@ def test_cli_pruned_eagle3_takes_the_lm_head_from_the_training_runs_target(tiny_
     other = tiny_target("llama", seed=3)  # another target: the written head no longer matches
     with pytest.raises(ValueError, match="written for another target"):
         load_exported(out, other.embed_tokens, other.lm_head_weight)
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "sglang"])
+def test_cli_eagle3_on_a_qwen3_target_passes_the_key_check(tiny_target, tmp_path, fmt):
+    """`eagle3_qwen3_4b`'s drafter on a Qwen3-family target (q/k norm in the target) has no q/k norm of
+    its own, as the engines' Eagle3 layer: `deepspec export format=vllm|sglang` accepts it."""
+    import yaml
+
+    from deepspec.config import compose, section
+    from deepspec.export.run import run
+    from tests.conftest import TINY
+
+    target = tiny_target("qwen3")
+    assert target.shapes.qk_norm
+    spec = section(compose(["recipe=eagle3_qwen3_4b", "drafter.layer_ids=[1,2,4]",
+                            "drafter.draft_vocab_size=64"]), "drafter")
+    drafter = build_drafter(spec, target.shapes)
+    assert drafter.midlayer.self_attn.q_norm is None and drafter.midlayer.self_attn.k_norm is None
+    drafter.attach_target(target.embed_tokens, target.lm_head_weight)
+    run_dir = tmp_path / "run"
+    save_drafter(run_dir / "checkpoints" / "final", drafter)
+    recorded = {"target": {"name": "tiny-qwen3", "source": "random:qwen3", "gguf_file": None,
+                           "tokenizer": None, "dtype": "float32", "device": "cpu", "device_map": None,
+                           "stream_collapse": "mean", "random_config": TINY["qwen3"], "seed": 0,
+                           "chat_template": None}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    summary = run(compose(["recipe=eagle3_qwen3_4b", f"draft={run_dir}", f"format={fmt}",
+                           f"output_dir={tmp_path / fmt}", "export.dtype=float32"]))
+    assert summary["check"] == "passed"
+    assert not any("q_norm" in k for k in load_file(str(tmp_path / fmt / ENGINE_WEIGHTS)))
 
 
 @pytest.mark.parametrize("recipe", ["dspark_smollm2", "dflash_smollm2", "eagle3_smollm2"])
