@@ -33,7 +33,7 @@ def apply_warm_start(drafter: nn.Module, target, mode: str) -> dict | None:
     report = warm_start_from_target(drafter, *top_layers_of(target))
     kept = ", ".join(report["kept_random"]) or "none"
     print0(f"[train] warm start: drafter layers <- target layers {report['target_layers']} "
-           f"({len(report['copied'])} tensors copied; kept random: {kept})")
+           f"({len(report['copied'])} tensors copied; left at their init: {kept})")
     return report
 
 
