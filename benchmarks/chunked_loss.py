@@ -1,6 +1,6 @@
 """Peak memory and time: vocabulary-chunked distillation loss vs the naive full-logits one.
 
-Setting (SPEC §3): N = 512 anchors x 7 positions = 3584 rows, D = 576 (SmolLM2), the
+Setting (docs/training.md): N = 512 anchors x 7 positions = 3584 rows, D = 576 (SmolLM2), the
 DSpark loss (alpha 0.1 / 0.9 / 1.0) with a rank-256 Markov bias and a confidence logit,
 forward + backward, at V = 49,152 (SmolLM2) and V = 129,280 (DeepSeek-V4).
 

@@ -30,8 +30,7 @@ RECIPES = {"eagle3": "eagle3_smollm2", "dflash": "dflash_smollm2", "dspark": "ds
 
 
 def prepare_draft(kind: str, given: str | None, root: Path, k: int) -> tuple[Path, str]:
-    from deepspec.drafters.io import save_drafter
-    from deepspec.export.drafter import resolve_draft_dir
+    from deepspec.drafters.io import resolve_draft_dir, save_drafter
 
     if given:
         return resolve_draft_dir(given), "trained"

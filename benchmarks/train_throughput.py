@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deepspec.config import DeepSpeedConfig, TrainerConfig  # noqa: E402
 from deepspec.drafters import build_drafter, resolve_spec  # noqa: E402
 from deepspec.drafters.packing import SequenceFeatures  # noqa: E402
 from deepspec.drafters.spec import DrafterSpec  # noqa: E402
@@ -67,7 +68,8 @@ def time_steps(drafter, spec, lm_head, seqs_per_step: list[list[SequenceFeatures
     weights_K = loss_weights(spec, None)
     model = DraftLoss(drafter, lm_head, weights_K, *alphas, vocab_chunk, keep_probs_mb).to(device)
     micro = len(seqs_per_step[0])
-    ds = deepspeed_json(zero_stage, micro, 1, 1, 1e-4, (0.9, 0.95), 0.0, 1.0, bf16)
+    tr = TrainerConfig(micro_batch=micro, lr=1e-4)
+    ds = deepspeed_json(DeepSpeedConfig(zero_stage=zero_stage), tr, grad_accum=1, world_size=1, bf16=bf16)
     engine = build_engine(model, ds, lambda s: 1.0)
     times, cpu_times, tokens = [], [], []
     for i, seqs in enumerate(seqs_per_step):

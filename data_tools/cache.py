@@ -34,7 +34,6 @@ written to a temporary file and renamed; each is checked against its sha256 on o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -44,6 +43,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from deepspec.atomic import file_sha256  # noqa: F401  (re-exported)
+from deepspec.features import SequenceFeatures, bytes_per_token, final_dtype  # noqa: F401  (re-exported)
 
 FORMAT = "deepspec-features/1"
 MANIFEST = "manifest.json"
@@ -55,29 +57,10 @@ IDENTITY_KEYS = ("name", "model_type", "num_layers", "hidden_size", "vocab_size"
                  "tokenizer_hash", "layer_ids", "weights")
 
 
-@dataclass
-class SequenceFeatures:
-    """Everything the trainer needs about one sequence, T tokens, M tapped layers."""
-
-    input_ids_T: torch.Tensor  # long
-    loss_mask_T: torch.Tensor  # bool
-    taps_TMD: torch.Tensor
-    final_TD: torch.Tensor
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SequenceFeatures:
-        return SequenceFeatures(self.input_ids_T.to(device), self.loss_mask_T.to(device),
-                                self.taps_TMD.to(device, dtype), self.final_TD.to(device, dtype))
-
-
 def check_dtype(dtype: str) -> str:
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"features.dtype={dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
     return dtype
-
-
-def final_dtype(dtype: str) -> str:
-    """Storage dtype of the final hidden state in a cache whose taps are stored as ``dtype``."""
-    return "bf16" if check_dtype(dtype) == "fp8" else dtype
 
 
 def encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,24 +79,9 @@ def decode(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale.float().unsqueeze(-1)
 
 
-def bytes_per_token(num_taps: int, hidden: int, dtype: str) -> int:
-    """Bytes one token costs in this cache (see the module docstring)."""
-    b = STORAGE_DTYPES[check_dtype(dtype)].itemsize
-    b_final = STORAGE_DTYPES[final_dtype(dtype)].itemsize
-    return 4 + 1 + num_taps * hidden * b + hidden * b_final + (num_taps * 4 if dtype == "fp8" else 0)
-
-
 def deepspec_bytes_per_token(num_taps: int, hidden: int) -> int:
     """DeepSpec's published cache cost per token (bf16): 6 + 2·d·(m+1)."""
     return 6 + 2 * hidden * (num_taps + 1)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

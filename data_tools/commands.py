@@ -96,19 +96,14 @@ def features(cfg) -> dict[str, Any]:
 
 
 def target_shapes(cfg):
-    """The target's TargetShapes from its config alone (no weights), loading the model only as a
-    last resort: random:TYPE -> the transformers config class; embedded / .gguf / folder -> AutoConfig."""
-    from transformers import AutoConfig
-
+    """The target's TargetShapes from its config alone (no weights; the same lookup as `deepspec plan`,
+    DeepSeek-V4 presets included), loading the model only as a last resort."""
     from deepspec.targets import shapes_from_hf_config
-    from deepspec.targets.loading import resolve_source
+    from deepspec.targets.loading import target_config
 
     t = cfg.target
-    if t.source.startswith("random:"):
-        return shapes_from_hf_config(AutoConfig.for_model(t.source.split(":", 1)[1], **dict(t.random_config)))
     try:
-        path, kwargs = resolve_source(t.source, t.gguf_file)
-        return shapes_from_hf_config(AutoConfig.from_pretrained(path, **kwargs))
+        return shapes_from_hf_config(target_config(t.source, t.name, t.gguf_file, dict(t.random_config)))
     except (OSError, ValueError, KeyError):
         from deepspec.targets import target_from_config
 

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -49,6 +49,7 @@ from data_tools.cache import (
 )
 from data_tools.jsonl import atomic_write_text
 from data_tools.tokenize import ChatSequence, load_sequences, template_hash
+from deepspec.features import FeatureSource  # noqa: F401  (the interface these sources implement)
 from deepspec.runs import run_started
 
 STATE_FILE = "features_state.json"
@@ -57,16 +58,6 @@ __all__ = ["SequenceFeatures", "FeatureSource", "open_feature_source", "open_fea
            "OnlineSource", "HybridSource", "SplitView", "split_indices", "HELDOUT_FALLBACK"]
 
 HELDOUT_FALLBACK = 0.05
-
-
-class FeatureSource(Protocol):
-    identity: dict[str, Any]
-
-    def __len__(self) -> int: ...
-
-    def get_batch(self, indices: list[int]) -> list[SequenceFeatures]: ...
-
-    def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]: ...
 
 
 def source_identity(target, layer_ids: Sequence[int], storage_dtype: str | None, max_seq_len: int) -> dict:

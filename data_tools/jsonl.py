@@ -1,8 +1,8 @@
 """Small JSON/JSONL helpers shared by the data tools.
 
-- ``atomic_write_text`` / ``write_jsonl_atomic``: write to a temporary file in the
-  same directory, fsync, then ``os.replace`` -- a reader never sees half a file and
-  an interrupted run leaves the previous file intact.
+- ``atomic_write_text`` (``deepspec.atomic``) / ``write_jsonl_atomic``: write to a temporary
+  file in the same directory, fsync, then ``os.replace`` -- a reader never sees half a file
+  and an interrupted run leaves the previous file intact.
 - ``iter_jsonl``: streaming JSONL reader that reports (line number, object) and
   lets the caller decide what a bad line means.
 - ``iter_json_array``: streaming reader for a top-level JSON array that never
@@ -16,19 +16,14 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
+
+from deepspec.atomic import atomic_write_text, atomic_write_via  # noqa: F401  (re-exported)
 
 _WHITESPACE = " \t\n\r"
 NOT_UTF8 = "not valid UTF-8"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent directories."""
-    _atomic_write(Path(path), lambda f: f.write(text))
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> int:
@@ -45,25 +40,8 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> int:
             f.write("\n")
             count += 1
 
-    _atomic_write(Path(path), write)
+    atomic_write_via(path, write)
     return count
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`deepspec data prompts`: turn chat datasets into canonical prompt rows (SPEC §4.1).
+"""`deepspec data prompts`: turn chat datasets into canonical prompt rows (docs/data.md).
 
 Reads every source (see ``data_tools.sources``), normalises each row, drops
 malformed rows with a count per reason, de-duplicates, mixes sources by weight,

@@ -1,4 +1,4 @@
-"""`deepspec data regenerate`: replace every assistant turn with the target's own answer (SPEC §4.2).
+"""`deepspec data regenerate`: replace every assistant turn with the target's own answer (docs/data.md).
 
 The drafter must imitate the target, not the original assistant, so each row keeps its
 system/user messages and every assistant reply is generated again, turn by turn, each

@@ -1,4 +1,4 @@
-"""Chat rendering with a loss mask over the assistant's own tokens (SPEC §4.3).
+"""Chat rendering with a loss mask over the assistant's own tokens (docs/data.md).
 
 The conversation is rendered once with the target's chat template and tokenized with
 character offsets. For assistant message i the supervised character span is:

@@ -32,6 +32,10 @@ COMMANDS: dict[tuple[str, Optional[str]], tuple[str, Optional[str], str]] = {
                            "the whole pipeline on the embedded SmolLM2 target, on CPU"),
 }
 
+# packages that implement deepspec interfaces (feature sources, shipped assets): imported before a command
+# runs, so that deepspec itself never imports them
+PLUGINS = ("data_tools",)
+
 USAGE = """usage: deepspec <command> [subcommand] recipe=NAME [key=value ...] [--cfg job]
 
 commands:
@@ -55,6 +59,13 @@ def _usage() -> str:
 def _resolve(target: str) -> Callable:
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def command_function(cmd: str, sub: Optional[str] = None) -> Callable:
+    """The function `deepspec CMD [SUB]` runs, with the plugins it may need loaded."""
+    for plugin in PLUGINS:
+        importlib.import_module(plugin)
+    return _resolve(COMMANDS[(cmd, sub)][0])
 
 
 def _parse(argv: list[str]) -> tuple[str, Optional[str], list[str], bool, bool]:
@@ -115,6 +126,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deepspec.guards import redacted_yaml
     from deepspec.runs import run_command
 
+    for plugin in PLUGINS:
+        importlib.import_module(plugin)
     try:
         cfg = compose(overrides, default_recipe=default_recipe)
     except ConfigError as exc:

@@ -2,13 +2,16 @@
 
 Every command composes one Hydra config: a recipe from `recipes/` (a complete primary
 config built from the groups in `configs/`) plus `key=value` overrides. The dataclasses
-below are the schema: the composed config is merged into them, so a misspelled key or a
-wrong type fails at compose time with the closest valid keys named.
+below are the schema: the composed config is merged into them, so a misspelled key, a wrong
+type or a value outside an enumeration (deepspec/choices.py) fails at compose time with the
+closest valid key or value named; `deepspec.config_checks` then checks the whole config
+(ranges, consistency, the drafter kind's rules) before any command loads a model.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +19,23 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from deepspec.choices import (
+    BlockLayout,
+    BudgetScheduler,
+    Eagle3Normalise,
+    ExportFormat,
+    FeatureMode,
+    Precision,
+    RegenDtype,
+    RegenEngine,
+    Schedule,
+    StorageDtype,
+    StreamCollapse,
+    TorchDtype,
+    VerifyKernel,
+    WandbMode,
+    WarmStart,
+)
 from deepspec.drafters.spec import DrafterSpec
 
 
@@ -29,10 +49,10 @@ class TargetConfig:
     source: str = "embedded:smollm2-135m-instruct"
     gguf_file: Optional[str] = None  # GGUF file name inside a source directory
     tokenizer: Optional[str] = None  # tokenizer source when it differs from `source` (random targets)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: TorchDtype = TorchDtype.float32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     device_map: Optional[str] = None  # "auto" shards a large target across the GPUs of a node
-    stream_collapse: str = "mean"  # DeepSeek-V4 mHC streams [B,S,4,D] -> [B,S,D]: mean | sum | first | last
+    stream_collapse: StreamCollapse = StreamCollapse.mean  # DeepSeek-V4 mHC streams [B,S,4,D] -> [B,S,D]
     random_config: dict[str, Any] = field(default_factory=dict)  # config overrides for random:MODEL_TYPE
     seed: int = 0  # weights seed of random:MODEL_TYPE targets
     chat_template: Optional[str] = None  # replaces the tokenizer's chat template when set
@@ -42,7 +62,7 @@ class TargetConfig:
 
 @dataclass
 class LossConfig:
-    """Distillation loss weights (SPEC §3)."""
+    """Distillation loss weights (docs/training.md)."""
 
     alpha_ce: float = 0.1
     alpha_tv: float = 0.9
@@ -52,7 +72,7 @@ class LossConfig:
     gamma_w: Optional[float] = 4.0
     # Eagle3 loss: sequence = mean per sequence, then over sequences (the reference's; a token mean
     # lets long answers dominate) | token = mean over every supervised token of the step
-    eagle3_normalise: str = "sequence"
+    eagle3_normalise: Eagle3Normalise = Eagle3Normalise.sequence
     vocab_chunk: int = 16384  # LM head + losses are computed in vocabulary chunks of this size
     keep_probs_mb: float = 0.0  # DFlash/DSpark: keep probabilities for backward when they fit (CPU: ~2x faster)
 
@@ -75,7 +95,7 @@ class DataConfig:
 class RegenConfig:
     """Answer regeneration with the target (data_tools/regenerate.py)."""
 
-    engine: str = "hf"  # hf | openai
+    engine: RegenEngine = RegenEngine.hf
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -95,15 +115,15 @@ class RegenConfig:
     retry_failed: bool = True  # a rerun retries rows that ended as error (false: they stay final)
     max_error_fraction: float = 0.1  # more failed rows than this (of rows to regenerate): exit non-zero
     window_batches: int = 4  # engine=hf: rows are sorted by prompt length within batch_size * this
-    dtype: str = "auto"  # engine=hf: auto (bf16 on AVX512-BF16/AMX CPUs, CUDA) | float32 | bfloat16 | float16
+    dtype: RegenDtype = RegenDtype.auto  # engine=hf: auto = bf16 on AVX512-BF16/AMX CPUs and CUDA
 
 
 @dataclass
 class FeaturesConfig:
     """Target features: cached to disk, online, or hybrid (data_tools/features.py)."""
 
-    source: str = "online"  # cache | online | hybrid
-    dtype: str = "bf16"  # fp32 | bf16 | fp16 | fp8 (e4m3 with per-row scales)
+    source: FeatureMode = FeatureMode.online
+    dtype: StorageDtype = StorageDtype.bf16
     shard_tokens: int = 262144  # tokens per cache shard
     batch_tokens: int = 8192  # tokens per target forward when extracting
     cache_dir: Optional[str] = None  # hybrid mode: where first-epoch features are written
@@ -118,22 +138,22 @@ class TrainerConfig:
     lr: float = 6e-4
     min_lr_ratio: float = 0.0
     warmup_ratio: float = 0.04
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Schedule = Schedule.cosine
     decay_ratio: float = 0.1  # wsd: fraction of steps in the final decay
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     global_batch: int = 512  # sequences per optimizer step, across all ranks
     micro_batch: int = 8  # sequences per rank per forward
-    precision: str = "auto"  # auto (GPU bf16, CPU fp32) | bf16 | fp32 | amp (fp32 weights, bf16 autocast)
+    precision: Precision = Precision.auto
     activation_checkpointing: bool = False
-    warm_start: str = "none"  # none | target: drafter layers start as the target's top layers (training/warm_start.py)
+    warm_start: WarmStart = WarmStart.none  # target: drafter layers start as the target's top layers
     log_every: int = 10
     eval_every: int = 100  # held-out simulated-tau evaluation every M steps (0 = only at the end)
     eval_sequences: int = 32
     save_every: int = 500
     keep_last: int = 3
-    wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | off
+    wandb: WandbMode = WandbMode.auto
     wandb_project: str = "deepspec"
     tensorboard: bool = True
     progress: bool = True
@@ -143,8 +163,7 @@ class TrainerConfig:
 class DeepSpeedConfig:
     """DeepSpeed engine settings (deepspec/training/distributed.py)."""
 
-    enabled: bool = True
-    zero_stage: int = 0
+    zero_stage: int = 0  # 0 (plain data parallel) | 1 | 2 | 3
     offload_optimizer: bool = False
     offload_param: bool = False
     overlap_comm: bool = False
@@ -167,12 +186,12 @@ class EvalConfig:
     block_size: Optional[int] = None  # drafted tokens per round (None = the drafter's block size)
     confidence_threshold: Optional[float] = None  # drop the suffix after the first c_k below this
     thresholds: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    scheduler: str = "none"  # none | algorithm1 | topk
+    scheduler: BudgetScheduler = BudgetScheduler.none
     sps_table: Optional[str] = None  # SPS(B) table from `deepspec eval profile`
     profile_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     warmup: bool = True
     seed: int = 0
-    kernel: str = "auto"  # verification backend: auto | triton | reference
+    kernel: VerifyKernel = VerifyKernel.auto  # verification backend
     sts: str = "auto"  # STS temperatures: auto (DRAFT/sts.json if present) | none | PATH to a sts.json
     calibration_fit_fraction: float = 0.5  # share of recorded rounds STS is fitted on (scored on the rest)
     profile_context: int = 512  # `eval profile`: tokens already in the KV cache while SPS(B) is measured
@@ -185,12 +204,11 @@ class EvalConfig:
 class ExportConfig:
     """Serving-engine export (deepspec/export)."""
 
-    engine_layer_ids: str = "auto"  # auto = each engine's own convention (SPEC §8)
-    dtype: str = "bfloat16"
+    dtype: TorchDtype = TorchDtype.bfloat16
     check: bool = True  # refuse an export the engine would misread
     # DFlash/DSpark engine layout: dspark = Qwen3DSparkModel (exact; vLLM method dspark) | dflash =
     # DFlashDraftModel (vLLM's dflash method reads deepspec blocks one slot late: refused unless check=false)
-    dflash_layout: str = "dspark"
+    dflash_layout: BlockLayout = BlockLayout.dspark
 
 
 @dataclass
@@ -230,11 +248,11 @@ class RootConfig:
     description: str = ""
     output_dir: str = "runs/${recipe}"  # deterministic: never a timestamp resolved per rank
     input: Optional[str] = None  # previous stage's output_dir (or a file)
-    draft: Optional[str] = None  # a checkpoint directory written by `train`
+    draft: Optional[str] = None  # a run directory written by `train` (its final checkpoint) or a checkpoint
     init_from: Optional[str] = None  # warm start: drafter weights only, no optimizer state
     resume: str = "none"  # none | auto | PATH
     overwrite: bool = False  # train: replace the run in output_dir; export: write into a non-empty folder
-    format: Optional[str] = None  # export format: vllm | sglang | hf | v4
+    format: Optional[ExportFormat] = None  # export format
     seed: int = 0
     target: TargetConfig = field(default_factory=TargetConfig)
     drafter: DrafterSpec = field(default_factory=DrafterSpec)
@@ -314,14 +332,21 @@ def _split_overrides(overrides: list[str]) -> tuple[Optional[str], list[str]]:
     return recipe, rest
 
 
-def asset_path(name: str) -> str:
-    """`${asset:NAME}` in a recipe: a file shipped in data_tools/assets (found wherever the package is)."""
-    from data_tools.sources import ASSETS_DIR
+ASSET_DIRS: list[Path] = []  # folders of files shipped with a package (data_tools registers its assets/)
 
-    path = ASSETS_DIR / name
-    if not path.exists():
-        raise ConfigError(f"${{asset:{name}}}: no such file in {path.parent}")
-    return str(path)
+
+def register_asset_dir(path: Path) -> None:
+    if path not in ASSET_DIRS:
+        ASSET_DIRS.append(path)
+
+
+def asset_path(name: str) -> str:
+    """`${asset:NAME}` in a recipe: a file shipped in a registered asset folder (found wherever installed)."""
+    for folder in ASSET_DIRS:
+        if (folder / name).exists():
+            return str(folder / name)
+    where = ", ".join(str(d) for d in ASSET_DIRS) or "no asset folder registered: `import data_tools` first"
+    raise ConfigError(f"${{asset:{name}}}: no such file in {where}")
 
 
 OmegaConf.register_new_resolver("asset", asset_path, replace=True)
@@ -358,7 +383,8 @@ def compose(overrides: list[str], default_recipe: Optional[str] = None) -> DictC
                 overrides=rest + [f"hydra.searchpath=[file://{configs_dir()}]"],
             )
     except HydraException as exc:
-        msg = str(exc)
+        msg = str(exc) + (f": {exc.__cause__}" if exc.__cause__ is not None else "")
+        _raise_bad_choice(recipe, msg, rest)
         bad = _bad_key_from_message(msg, rest)
         if bad and ("Could not override" in msg or "not in" in msg):
             raise ConfigError(f"recipe '{recipe}': unknown key '{bad}'; did you mean: {_suggest(bad)}") from None
@@ -381,9 +407,38 @@ def compose(overrides: list[str], default_recipe: Optional[str] = None) -> DictC
         raise ConfigError(f"recipe '{recipe}': unknown key '{key}'; did you mean: {_suggest(str(key))}") from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "?")
+        _raise_bad_choice(recipe, str(exc), [], key)
         raise ConfigError(f"recipe '{recipe}': bad value for '{key}': {str(exc).splitlines()[0]}") from None
     OmegaConf.set_struct(cfg, True)
+    from deepspec.config_checks import check_config
+
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError(f"recipe '{recipe}': " + "; ".join(problems))
     return cfg
+
+
+def _raise_bad_choice(recipe: str, msg: str, overrides: list[str], key: Optional[str] = None) -> None:
+    """A ConfigError naming the closest valid value, for an enumerated setting or a config group option."""
+    invalid = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", msg)
+    if invalid:
+        value, choices = invalid.group(1), [c.strip() for c in invalid.group(2).split(",")]
+        full_key = re.search(r"full_key: ([\w.]+)", msg)
+        key = _bad_key_from_message(msg, overrides) or key or (full_key.group(1) if full_key else "?")
+        raise ConfigError(f"recipe '{recipe}': {key}={value} is not a valid value; "
+                          f"{_closest(value, choices)}")
+    missing = re.search(r"Could not find '([\w/]+)/([^'/]+)'", msg)
+    if missing and (configs_dir() / missing.group(1)).is_dir():
+        group, value = missing.groups()
+        choices = sorted(p.stem for p in (configs_dir() / group).glob("*.yaml"))
+        raise ConfigError(f"recipe '{recipe}': {group}={value} is not a config in {configs_dir() / group}; "
+                          f"{_closest(value, choices)}")
+
+
+def _closest(value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}(choose one of: {' | '.join(choices)})"
 
 
 def _bad_key_from_message(msg: str, overrides: list[str]) -> Optional[str]:

@@ -116,7 +116,7 @@ def _redact(node: Any) -> Any:
 
 def redacted(cfg: DictConfig) -> dict:
     """``cfg`` as a plain dict (resolved) with every secret field replaced by a placeholder."""
-    return _redact(OmegaConf.to_container(cfg, resolve=True))
+    return _redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def redacted_yaml(cfg: DictConfig) -> str:

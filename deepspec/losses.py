@@ -1,4 +1,4 @@
-"""Distillation losses for draft models, chunked over the vocabulary (SPEC §3, §2.3).
+"""Distillation losses for draft models, chunked over the vocabulary (docs/training.md, docs/algorithms.md).
 
 Drafters hand us hidden states, never logits: the frozen LM head is applied here,
 one vocabulary chunk at a time, inside custom autograd functions, so that an
@@ -126,7 +126,7 @@ def _no_argmax(M: int, acc: torch.dtype, device) -> tuple[Tensor, Tensor]:
 def _check_frozen(name: str, weight: Tensor) -> None:
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError(
-            f"{name} requires grad, but the LM head is frozen in deepspec (SPEC §2) and these "
+            f"{name} requires grad, but the LM head is frozen in deepspec (docs/algorithms.md) and these "
             f"chunked losses return no gradient for it; pass {name}.detach() or freeze it "
             "with .requires_grad_(False)."
         )
@@ -336,7 +336,7 @@ def distill_losses(
     compile_chunks: bool = False,
     keep_probs_mb: float = 0.0,
 ) -> DistillLossOutput:
-    """DSpark/DFlash loss sums over N blocks of K positions (SPEC §3).
+    """DSpark/DFlash loss sums over N blocks of K positions (docs/training.md).
 
     hidden_NKD: drafter's final hidden (gets grad). lm_weight_VD: frozen LM head.
     target_hidden_NKD: target's final hidden after its final norm (no grad).
@@ -512,7 +512,7 @@ def eagle_soft_ce(
     draft_to_target_v: Tensor | None = None,
     chunk_size: int = 16384,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Eagle3 soft cross-entropy sum (SPEC §2.3) over N rows of K TTT steps.
+    """Eagle3 soft cross-entropy sum (docs/algorithms.md) over N rows of K TTT steps.
 
     loss = sum_{valid} w * (-sum_v q_v log p_d(v)) with p_d = softmax(h Wd^T) over the
     draft vocabulary (size v) and q = softmax over v of the target logits

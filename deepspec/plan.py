@@ -1,4 +1,4 @@
-"""`deepspec plan`: capacity plan of a recipe's drafter before renting the GPUs (SPEC §5, §7).
+"""`deepspec plan`: capacity plan of a recipe's drafter before renting the GPUs (docs/training.md).
 
     deepspec plan recipe=dspark_v4_flash [plan.nodes=4 plan.gpus_per_node=8 plan.tokens=1240000000]
 
@@ -34,36 +34,12 @@ from deepspec.config import section
 from deepspec.drafters import build_drafter, resolve_spec
 from deepspec.drafters.spec import DrafterSpec
 from deepspec.runs import format_table
+from deepspec.targets.loading import target_config
 from deepspec.targets.shapes import TargetShapes, shapes_from_hf_config
 
-# configs of targets too large to have locally: DeepseekV4Config defaults are V4-Flash
-V4_PRESETS = {
-    "deepseek-ai/DeepSeek-V4-Flash": {},
-    "deepseek-ai/DeepSeek-V4-Pro": dict(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
-                                        n_routed_experts=384, moe_intermediate_size=3072, q_lora_rank=1536,
-                                        o_groups=16),
-}
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1}
 H100_BF16_FLOPS = 989e12  # dense bf16 peak
 GIB = 2 ** 30
-
-
-def target_config(source: str, name: str, random_config: dict | None = None):
-    """The target's `transformers` config without loading weights (random:TYPE, local dir, V4 presets)."""
-    from transformers import AutoConfig, DeepseekV4Config
-
-    if source.startswith("random:"):
-        return AutoConfig.for_model(source.split(":", 1)[1], **(random_config or {}))
-    if (Path(source) / "config.json").exists():
-        return AutoConfig.from_pretrained(source)
-    for key in (source, name):
-        if key in V4_PRESETS:
-            return DeepseekV4Config(**V4_PRESETS[key])
-    try:
-        return AutoConfig.from_pretrained(source, local_files_only=True)
-    except OSError as exc:
-        raise ValueError(f"plan: no config for target.source={source!r}: use a local directory with config.json, "
-                         f"random:TYPE, or one of {sorted(V4_PRESETS)}") from exc
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -80,7 +56,7 @@ def target_params(config) -> int:
 
 def cache_bytes_per_token(hidden: int, num_taps: int, dtype: str) -> int:
     """Feature-cache bytes per token, as `deepspec data features` writes them (data_tools/cache.py)."""
-    from data_tools.cache import bytes_per_token
+    from deepspec.features import bytes_per_token
 
     return bytes_per_token(num_taps, hidden, dtype)
 
@@ -189,12 +165,12 @@ def capacity_plan(spec: DrafterSpec, target_cfg, *, nodes: int, gpus_per_node: i
 def plan_from_config(cfg: DictConfig) -> dict[str, Any]:
     t, p = cfg.target, cfg.plan
     random_config = OmegaConf.to_container(t.random_config) if t.random_config else None
-    target_cfg = target_config(t.source, t.name, random_config)
+    target_cfg = target_config(t.source, t.name, t.gguf_file, random_config)
     return capacity_plan(section(cfg, "drafter"), target_cfg, nodes=p.nodes, gpus_per_node=p.gpus_per_node,
                          gpu_memory_gib=p.gpu_memory_gib, tokens=p.tokens, micro_batch=cfg.trainer.micro_batch,
                          seq_len=cfg.data.max_seq_len, vocab_chunk=cfg.loss.vocab_chunk,
                          features=cfg.features.source, target_dtype=cfg.features.dtype, epochs=cfg.trainer.epochs,
-                         zero_stage=cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 0, mfu=p.mfu,
+                         zero_stage=cfg.deepspeed.zero_stage, mfu=p.mfu,
                          interconnect_gbps=p.interconnect_gbps)
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from deepspec.config import compose
+from deepspec.drafters.registry import kind_entry
 from deepspec.runs import atomic_write, format_table, prepare_output_dir, print0, read_summary, write_summary
 
 SMALL_BUDGET_HELP = """Small-budget overrides (a few minutes on 2 CPU cores; what CI runs):
@@ -61,11 +62,11 @@ def _run_stage(name: str, stage_dir: Path, overrides: list[str], upstream: list[
 
 
 def _stage_funcs():
-    from data_tools import commands
-    from deepspec.eval.run import run as eval_run
-    from deepspec.training.train import run as train_run
+    """The stages as the command line runs them (its command table; the data tools are a plugin)."""
+    from deepspec.cli import command_function
 
-    return commands.prompts, commands.regenerate, train_run, eval_run
+    return tuple(command_function(*c) for c in (("data", "prompts"), ("data", "regenerate"), ("train", None),
+                                                  ("eval", None)))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -97,7 +98,7 @@ def run(cfg: DictConfig) -> dict:
     kinds = ["dspark"] + (["dflash", "eagle3"] if q.compare else [])
     results: dict[str, dict] = {}
     for kind in kinds:
-        kind_recipe = recipe if kind == "dspark" else f"{kind}_smollm2"
+        kind_recipe = recipe if kind == kinds[0] else kind_entry(kind).quickstart_recipe
         t_sum, t_fp, t_s, t_reused = _run_stage(
             f"train[{kind}]", out / f"train_{kind}",
             common + [f"input={out / 'regenerate'}", f"trainer.max_steps={q.train_steps}", "resume=auto",

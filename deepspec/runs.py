@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
+from deepspec.atomic import atomic_write_text
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -86,10 +88,7 @@ def os_error_message(exc: OSError) -> str:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _jsonable(x: Any) -> Any:
@@ -301,7 +300,7 @@ def preflight(name: str, cfg: DictConfig) -> None:
     elif name == "export":
         draft_dir = None
         if cfg.format != "hf-target":
-            from deepspec.export.drafter import resolve_draft_dir
+            from deepspec.drafters.io import resolve_draft_dir
 
             draft_dir = resolve_draft_dir(cfg.draft)
         check_export_output(cfg.output_dir, draft_dir, cfg.overwrite)

@@ -4,7 +4,7 @@ The DSpark confidence head gives, per draft position k, c_k = P(x_k survives | x
 survived) as a logit.  What serving uses is the prefix-survival probability
 a_k = prod_{i<=k} c_i, so calibration is judged on a_k against the realised event
 "positions 1..k were all accepted" (accepted_len >= k), counting only rounds in which
-position k was actually proposed (SPEC §6).
+position k was actually proposed (docs/engine.md).
 
 Shapes: R rounds (held-out verification rounds), K draft positions.  Positions are
 1-based in reports and 0-based as tensor columns.  A round's outcome is given either

@@ -1,4 +1,4 @@
-"""Speculative decoding engine (SPEC §1, §6) and the target-only baseline it is measured against.
+"""Speculative decoding engine (docs/engine.md) and the target-only baseline it is measured against.
 
 Both loops run a batch of requests through the same `TargetSession` (KV-cached target with
 per-request rollback), so speedup = tokens/s speculative ÷ tokens/s target-only compares
@@ -41,6 +41,7 @@ import torch
 
 from deepspec.decoding.sampling import SamplingParams, next_tokens, target_probs
 from deepspec.decoding.target_runner import TargetSession
+from deepspec.drafters.registry import kind_entry
 from deepspec.kernels import verify
 from deepspec.targets.frozen import FrozenTarget
 
@@ -215,8 +216,8 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
     _check_prompts(prompts, max_new_tokens)
     spec = drafter.spec
     K = int(block_size or spec.block_size)
-    is_eagle3 = spec.kind == "eagle3"
-    if not is_eagle3 and K > spec.block_size:
+    any_length = not kind_entry(spec).parallel_blocks  # autoregressive drafters draft any number of tokens
+    if not any_length and K > spec.block_size:
         raise ValueError(f"eval.block_size={K} exceeds the drafter's block size {spec.block_size}: a "
                          f"{spec.kind} drafter proposes at most {spec.block_size} tokens per round")
     if K < 1:
@@ -246,7 +247,7 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
 
     while stop.any_active():
         t0 = time.perf_counter()
-        kwargs = {"num_tokens": K} if is_eagle3 else {}
+        kwargs = {"num_tokens": K} if any_length else {}
         prop = drafter.propose(state, anchor_B, anchor_pos_B, greedy=sampling.greedy,
                                temperature=sampling.temperature or 1.0, generator=generator, **kwargs)
         drafts_BK = prop.tokens_BK[:, :K]

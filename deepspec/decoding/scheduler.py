@@ -1,4 +1,4 @@
-"""Hardware-aware prefix scheduler: how many drafts each request verifies (SPEC §6, Algorithm 1).
+"""Hardware-aware prefix scheduler: how many drafts each request verifies (docs/engine.md, Algorithm 1).
 
 Verifying one more draft token costs batch capacity; it pays off only while the
 expected tokens committed per step times the steps per second the target manages

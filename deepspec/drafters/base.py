@@ -1,7 +1,7 @@
 """What every drafter shares: outputs, proposals, and the frozen target weights it borrows.
 
 The target's token embedding and LM head are used by every drafter but never trained and
-never saved: they live in a plain attribute holder (`FrozenTarget`), so they appear in
+never saved: they live in a plain attribute holder (`TargetWeights`), so they appear in
 neither `parameters()` nor `state_dict()`; DeepSpeed never puts them in optimizer state
 and checkpoints never duplicate them. Call `attach_target` before the first forward.
 """
@@ -47,7 +47,7 @@ class Proposal:
     conf_BK: Optional[Tensor] = None
 
 
-class FrozenTarget:
+class TargetWeights:
     """Plain holder (not an nn.Module) of the target's embedding [V, D] and LM head [V, D]."""
 
     def __init__(self, embed_weight_VD: Tensor, lm_head_weight_VD: Tensor):
@@ -58,7 +58,7 @@ class FrozenTarget:
 class SharedTargetMixin:
     """`attach_target` / `embed` / `target_logits` for drafters that borrow the target's weights."""
 
-    _frozen: Optional[FrozenTarget] = None
+    _frozen: Optional[TargetWeights] = None
 
     def attach_target(self, embed_tokens, lm_head_weight: Tensor) -> None:
         """Borrow the target's embedding (nn.Embedding or [V, D] tensor) and LM head weight [V, D]."""
@@ -68,10 +68,14 @@ class SharedTargetMixin:
             if w.shape[0] != V or w.shape[-1] != self.shapes.hidden_size:
                 raise ValueError(f"attach_target: {name} has shape {tuple(w.shape)}; this drafter was built for "
                                  f"vocab {V} x hidden {self.shapes.hidden_size}")
-        object.__setattr__(self, "_frozen", FrozenTarget(embed_w, lm_head_weight))
+        object.__setattr__(self, "_frozen", TargetWeights(embed_w, lm_head_weight))
 
     @property
-    def frozen(self) -> FrozenTarget:
+    def target_attached(self) -> bool:
+        return self._frozen is not None
+
+    @property
+    def frozen(self) -> TargetWeights:
         if self._frozen is None:
             raise RuntimeError(f"{type(self).__name__}: call attach_target(embed_tokens, lm_head_weight) first")
         return self._frozen

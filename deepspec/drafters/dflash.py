@@ -1,4 +1,4 @@
-"""DFlash: parallel block drafter (SPEC §2.1) and its inference state.
+"""DFlash: parallel block drafter (docs/algorithms.md) and its inference state.
 
 One forward drafts a whole block: inputs [anchor, mask x (K-1)] at positions anchor..anchor+K-1,
 attention keys/values [W_K H_ctx; W_K H_blk] where H_ctx = RMSNorm(W_c [taps]) of every token

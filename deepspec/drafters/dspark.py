@@ -1,4 +1,4 @@
-"""DSpark: DFlash backbone + sequential (Markov / RNN) head + confidence head (SPEC §2.2).
+"""DSpark: DFlash backbone + sequential (Markov / RNN) head + confidence head (docs/algorithms.md).
 
 p_k(v | x0, x<k) = softmax_v(U_k(v) + B_k(x0, x<k, v)), U_k = LM head of the backbone's h_k.
 Training is teacher-forced (previous tokens = labels, `PackedBatch.prev_tokens_NK`) and returns

@@ -1,4 +1,4 @@
-"""Eagle3: autoregressive one-layer drafter with training-time test (SPEC §2.3).
+"""Eagle3: autoregressive one-layer drafter with training-time test (docs/algorithms.md).
 
 Entry t of the drafter pairs the fused target feature f_t = fc([H(l1); H(l2); H(l3)]_t) with the
 next token x_{t+1} and predicts x_{t+2}. The decoder layer's attention input is
@@ -15,7 +15,7 @@ row t. Output hidden per step is `hidden_NKD` (N = B*T rows, K steps) for the lo
 Vocabulary pruning (draft_vocab_size): keep the target tokens most frequent among the supervised
 tokens of the whole training set (`count_supervised_tokens`); `d2t` offsets
 (target_id = i + d2t[i]) and the `t2d` mask are buffers (saved, exported). Choice: the draft
-LM head is the *frozen* slice of the target's LM head at the kept ids (SPEC §2: every drafter
+LM head is the *frozen* slice of the target's LM head at the kept ids (docs/algorithms.md: every drafter
 shares the target's LM head, frozen, never in optimizer state), not a trainable copy as
 SpecForge trains; the exporter writes `lm_head` = target_lm_head[draft_to_target()] for the
 engines. Without pruning the drafter uses the target's LM head as it is.

@@ -1,4 +1,4 @@
-"""DSpark sequential heads (SPEC §2.2): Markov and RNN prefix biases, and the confidence head.
+"""DSpark sequential heads (docs/algorithms.md): Markov and RNN prefix biases, and the confidence head.
 
 The bias B_k over the vocabulary is always a low-rank product lowrank_k @ W2 (W2 [r, V]), so
 training returns `lowrank_NKR` and `W2` and the loss adds the bias chunk by chunk with the

@@ -1,4 +1,4 @@
-"""Save / load a trained drafter: `drafter.safetensors` + `drafter_config.json`.
+"""Save / load a trained drafter: `drafter.safetensors` + `drafter_config.json` (+ `sts.json`).
 
 The config holds the resolved DrafterSpec, the TargetShapes and the tapped layer ids, with a
 format version, the sha256 of the weights file (checked on every load: a truncated or bit-flipped
@@ -24,13 +24,38 @@ from deepspec.targets.shapes import TargetShapes
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "drafter.safetensors"
 CONFIG_FILE = "drafter_config.json"
+STS_FILE = "sts.json"  # confidence-head temperatures written by `deepspec eval calibrate`
+
+
+def resolve_draft_dir(draft) -> Path:
+    """`draft=PATH` as every command reads it: a checkpoint directory holding `save_drafter` output, or a
+    run directory written by `deepspec train` (resolved to its checkpoints/final)."""
+    if not draft:
+        raise ValueError("draft=PATH is required: a run directory written by `deepspec train` (e.g. "
+                         "runs/dspark) or one of its checkpoints (runs/dspark/checkpoints/best)")
+    path = Path(draft)
+    if not (path / CONFIG_FILE).is_file() and (path / "checkpoints" / "final" / CONFIG_FILE).is_file():
+        path = path / "checkpoints" / "final"
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"draft={draft}: no {CONFIG_FILE} there; point it at a run directory written "
+                                f"by `deepspec train` or at one of its checkpoints (RUN/checkpoints/final or "
+                                f"RUN/checkpoints/best)")
+    return path
+
+
+def read_sts(path) -> list[float]:
+    """The STS temperatures in a `sts.json` file."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "temperatures" not in data:
+        raise ValueError(f"{path} holds no 'temperatures'; rewrite it with `deepspec eval calibrate`")
+    return [float(t) for t in data["temperatures"]]
 
 
 def save_drafter(directory, drafter: nn.Module, target: Optional[dict] = None,
                  dtype: Optional[torch.dtype] = None) -> Path:
     """Write the drafter's weights (floating tensors cast to `dtype` when given) and config into
     `directory` (created if missing); `target` is the identity of the target it belongs to."""
-    from data_tools.cache import file_sha256
+    from deepspec.atomic import file_sha256
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +90,7 @@ def read_config(directory) -> dict:
 
 def read_weights(directory, map_location: str = "cpu") -> dict[str, Tensor]:
     """The saved state dict, after checking the file against the sha256 its config records."""
-    from data_tools.cache import file_sha256
+    from deepspec.atomic import file_sha256
 
     src = Path(directory)
     config, weights = read_config(src), src / WEIGHTS_FILE

@@ -1,4 +1,4 @@
-"""Training batches: anchor sampling and anchor-bounded block packing (SPEC §3).
+"""Training batches: anchor sampling and anchor-bounded block packing (docs/training.md).
 
 DFlash/DSpark train on *blocks*: per sequence, N anchors i (positions where i and i+1 lie
 in the loss mask), each giving block inputs [x_i, mask, ..., mask] at positions i..i+K-1
@@ -18,19 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-@dataclass
-class SequenceFeatures:
-    """One training sequence with the frozen target's features.
-
-    input_ids_T (long), loss_mask_T (bool; assistant tokens), taps_TMD (tapped target layers,
-    layer order = drafter layer_ids), final_TD (final hidden, post final norm, pre LM head).
-    """
-
-    input_ids_T: Tensor
-    loss_mask_T: Tensor
-    taps_TMD: Tensor
-    final_TD: Tensor
+from deepspec.features import SequenceFeatures
 
 
 def _to(obj, device, dtype):

@@ -19,22 +19,55 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from deepspec.targets.shapes import TargetShapes
+from deepspec.choices import Choice
+from deepspec.targets.shapes import TargetShapes, check_taps
 
-KINDS = ("dspark", "dflash", "eagle3")
-ATTENTION = ("auto", "sdpa", "flex")
-HEADS = ("markov", "rnn", "none")
+
+class Kind(Choice):
+    """Drafter kinds; each has one entry in deepspec/drafters/registry.py."""
+
+    dspark = "dspark"
+    dflash = "dflash"
+    eagle3 = "eagle3"
+
+
+class Head(Choice):
+    """DSpark's sequential head over the block: low-rank Markov, its RNN variant, or none."""
+
+    markov = "markov"
+    rnn = "rnn"
+    none = "none"
+
+
+class Attention(Choice):
+    """Packed training attention: flex on CUDA and sdpa elsewhere for `auto`."""
+
+    auto = "auto"
+    sdpa = "sdpa"
+    flex = "flex"
+
+
+class Backbone(Choice):
+    """Draft decoder layer type (deepspec.drafters.layers.BACKBONES)."""
+
+    llama = "llama"
+    v4 = "v4"  # DeepSeek-V4 blocks: MoE, parallel residual streams, sliding-window shared-KV attention
+
+
+KINDS = tuple(Kind)
+ATTENTION = tuple(Attention)
+HEADS = tuple(Head)
 
 
 @dataclass
 class DrafterSpec:
     """Drafter options. `None` means "take the target's value" (see `resolve_spec`)."""
 
-    kind: str = "dspark"  # dspark | dflash | eagle3
+    kind: Kind = Kind.dspark
     num_layers: int = 5  # draft decoder layers (Eagle3 uses 1)
     block_size: int = 7  # γ: DFlash/DSpark block inputs = anchor + γ-1 masks; Eagle3 draft steps
     mask_token_id: Optional[int] = None  # required for dflash/dspark (see module docstring)
-    head: str = "markov"  # DSpark sequential head: markov | rnn | none
+    head: Head = Head.markov  # DSpark sequential head
     markov_rank: int = 256  # r of the Markov/RNN head
     confidence_head: bool = True  # DSpark: predict c_k = P(token k survives verification)
     confidence_uses_markov: bool = True  # confidence input [h_k; W1[x_{k-1}]] (else h_k only)
@@ -51,62 +84,34 @@ class DrafterSpec:
     ttt_steps: int = 7  # Eagle3 training-time-test unroll length
     ttt_decay: float = 0.8  # Eagle3 loss weight decay per step (weights ttt_decay**j)
     draft_vocab_size: Optional[int] = None  # Eagle3 vocabulary pruning; None = full vocab
-    backbone: str = "llama"  # key of deepspec.drafters.layers.BACKBONES
+    backbone: Backbone = Backbone.llama
     # backbone-specific options; v4: DeepseekV4Config fields (n_routed_experts, num_experts_per_tok,
     # n_shared_experts, moe_intermediate_size, hc_mult, q_lora_rank, o_groups, o_lora_rank, qk_rope_head_dim, ...)
     backbone_config: dict[str, Any] = field(default_factory=dict)
     sliding_window: Optional[int] = None  # block queries see only the last `sliding_window` ctx positions
-    attention: str = "auto"  # packed training attention: sdpa | flex | auto (flex on CUDA, sdpa elsewhere)
+    attention: Attention = Attention.auto  # packed training attention
     anchors_per_seq: int = 512  # DFlash/DSpark anchors sampled per training sequence
     max_seq_len: int = 4096  # Eagle3 training rows are truncated to this many tokens
 
 
 def default_layer_ids(kind: str, num_layers: int, m: int = 5) -> list[int]:
-    """Default tapped target layers ("layer k" = output of decoder layer k, never the last).
+    """Default tapped target layers of a kind (see `KindEntry.default_layer_ids`)."""
+    from deepspec.drafters.registry import kind_entry
 
-    DFlash/DSpark: m evenly spaced from 1 to L-3 (Qwen3, L=36: [1, 9, 17, 25, 33]).
-    Eagle3: low / middle / high = [2, L//2, L-3].
-    """
-    if num_layers < 4:
-        raise ValueError(f"target has {num_layers} layers; default taps need at least 4 (set layer_ids)")
-    if kind == "eagle3":
-        return [2, num_layers // 2, num_layers - 3]
-    lo, hi = 1, num_layers - 3
-    if m == 1:
-        return [hi]
-    return [lo + round(i * (hi - lo) / (m - 1)) for i in range(m)]
+    return kind_entry(kind).default_layer_ids(num_layers, m)
 
 
 def resolve_spec(spec: DrafterSpec, shapes: TargetShapes) -> DrafterSpec:
     """Check `spec` against the target and fill every `None`/empty default from `shapes`."""
-    if spec.kind not in KINDS:
-        raise ValueError(f"drafter.kind={spec.kind!r}; choose one of {KINDS}")
-    if spec.head not in HEADS:
-        raise ValueError(f"drafter.head={spec.head!r}; choose one of {HEADS}")
-    if spec.attention not in ATTENTION:
-        raise ValueError(f"drafter.attention={spec.attention!r}; choose one of {ATTENTION}")
-    if spec.kind != "eagle3":
-        if spec.mask_token_id is None:
-            raise ValueError(
-                f"drafter.mask_token_id is required for kind={spec.kind!r}: set it to a token id the "
-                f"target never produces (tiny test models: vocab_size-1 = {shapes.vocab_size - 1})")
-        if not 0 <= spec.mask_token_id < shapes.vocab_size:
-            raise ValueError(f"drafter.mask_token_id={spec.mask_token_id} is outside the target vocab "
-                             f"[0, {shapes.vocab_size})")
-        if spec.block_size < 2:
-            raise ValueError(f"drafter.block_size={spec.block_size}; a block needs at least 2 slots")
-    if spec.kind == "eagle3" and spec.num_layers != 1:
-        raise ValueError(f"drafter.num_layers={spec.num_layers} for kind='eagle3'; Eagle3 has exactly one "
-                         f"decoder layer (set drafter.num_layers=1)")
+    from deepspec.drafters.registry import check_spec, kind_entry
+
+    check_spec(spec)
+    if kind_entry(spec).parallel_blocks and not 0 <= spec.mask_token_id < shapes.vocab_size:
+        raise ValueError(f"drafter.mask_token_id={spec.mask_token_id} is outside the target vocab "
+                         f"[0, {shapes.vocab_size})")
     layer_ids = list(spec.layer_ids) or default_layer_ids(spec.kind, shapes.num_layers, spec.num_taps)
-    # DeepSeek-V4: the final decoder layer's output is the 4-stream mHC residual, before hc_head and the
-    # final norm, and the published V4 DSpark taps it (Flash: [40, 41, 42] of 43 layers)
-    top = shapes.num_layers - (0 if shapes.model_type == "deepseek_v4" else 1)
-    bad = [i for i in layer_ids if not 0 <= i < top]
-    if bad:
-        raise ValueError(f"drafter.layer_ids {bad} are not taps of a {shapes.num_layers}-layer target: "
-                         f"use 0..{top - 1} (the final layer is post-norm, never tap it)")
-    if spec.kind == "eagle3" and spec.draft_vocab_size is not None \
+    check_taps(shapes, layer_ids)
+    if kind_entry(spec).prunes_vocab and spec.draft_vocab_size is not None \
             and not 0 < spec.draft_vocab_size <= shapes.vocab_size:
         raise ValueError(f"drafter.draft_vocab_size={spec.draft_vocab_size} must lie in (0, {shapes.vocab_size}]")
     return replace(

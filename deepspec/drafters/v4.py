@@ -1,4 +1,4 @@
-"""DeepSeek-V4-style DSpark drafter (SPEC §7): MoE + mHC + sliding-window draft layers.
+"""DeepSeek-V4-style DSpark drafter (docs/deepseek_v4.md): MoE + mHC + sliding-window draft layers.
 
 The published DeepSeek-V4-Flash-DSpark drafter is 3 V4 decoder blocks run on the draft block
 [anchor, noise x (γ-1)] (γ = 5, noise token 128799), whose attention keys/values are

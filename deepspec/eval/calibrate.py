@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     from deepspec.eval.benchmarks import load_benchmark
     from deepspec.eval.evaluate import run_benchmark
     from deepspec.eval.metrics import merge_logs
-    from deepspec.eval.setup import STS_FILE, decode_settings, load_eval_drafter, save_sts
+    from deepspec.eval.setup import STS_FILE, decode_settings, load_eval_drafter, resolve_draft_dir, save_sts
     from deepspec.targets import target_from_config
 
     ev = section(cfg, "eval")
@@ -110,7 +110,8 @@ def run(cfg: DictConfig) -> dict:
     if result is None or "skipped" in result:
         raise RuntimeError(f"calibration impossible: {result['skipped'] if result else 'no confidences recorded'}; "
                            f"raise eval.max_prompts or eval.max_new_tokens")
-    path = save_sts(Path(cfg.draft) / STS_FILE, result["temperatures"], K, result["fit_rounds"], result)
+    path = save_sts(resolve_draft_dir(cfg.draft) / STS_FILE, result["temperatures"], K, result["fit_rounds"],
+                    result)
     o = result["overall"]
     print0(format_table([{"metric": m, "raw": o[f"{m}_before"], "STS": o[f"{m}_after"]}
                          for m in ("ece", "auc", "brier")]))

@@ -1,4 +1,4 @@
-"""Evaluation metrics from the engine's round log and timings (SPEC §1).
+"""Evaluation metrics from the engine's round log and timings (docs/algorithms.md).
 
 - tau: accepted drafts + 1 per round (the correction / bonus token counts), averaged over rounds;
 - per-position conditional acceptance at k: among rounds where positions 1..k-1 were accepted

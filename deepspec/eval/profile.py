@@ -1,6 +1,6 @@
 """`deepspec eval profile`: SPS(B) of the target on this hardware, and the scheduler's load simulation.
 
-SPS(B) is target forward steps per second when a step carries B tokens (SPEC §6). Measured
+SPS(B) is target forward steps per second when a step carries B tokens (docs/engine.md). Measured
 here as one request verifying B new tokens on top of a KV cache already holding
 `eval.profile_context` tokens (the rejected tokens are rolled back after every step, so the
 context stays the same size). The table feeds Algorithm 1 (`eval.scheduler=algorithm1

@@ -1,4 +1,4 @@
-"""`deepspec eval`: speculative decoding with target + draft on benchmark prompts (SPEC §1, §6, §9)."""
+"""`deepspec eval`: speculative decoding with target + draft on benchmark prompts (docs/engine.md)."""
 
 from __future__ import annotations
 

@@ -13,10 +13,10 @@ import torch
 
 from deepspec.decoding.engine import BudgetFn
 from deepspec.decoding.sampling import SamplingParams
+from deepspec.drafters.io import STS_FILE, read_sts, resolve_draft_dir  # noqa: F401  (STS_FILE: calibrate)
 from deepspec.eval.evaluate import DecodeSettings
 from deepspec.targets.frozen import FrozenTarget
 
-STS_FILE = "sts.json"
 SCHEDULERS = ("none", "algorithm1", "topk")
 
 
@@ -24,13 +24,7 @@ def load_eval_drafter(target: FrozenTarget, draft_dir: str | None) -> torch.nn.M
     """The drafter saved in `draft_dir`, on the target's device, sharing its embedding and LM head."""
     from deepspec.drafters.io import load_drafter
 
-    if not draft_dir:
-        raise ValueError("eval needs draft=PATH: a checkpoint directory written by `deepspec train` "
-                         "(drafter_config.json + drafter.safetensors)")
-    path = Path(draft_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"draft={draft_dir}: no such directory (pass a checkpoint written by "
-                                f"`deepspec train`, e.g. runs/dspark/checkpoints/final)")
+    path = resolve_draft_dir(draft_dir)
     drafter = load_drafter(path, target.embed_tokens, target.lm_head_weight, map_location=str(target.device))
     shapes = drafter.shapes
     if shapes.vocab_size != target.vocab_size or shapes.hidden_size != target.hidden_size:
@@ -44,7 +38,7 @@ def sts_path(setting: str, draft_dir: str | None) -> Path | None:
     if setting == "none":
         return None
     if setting == "auto":
-        path = Path(draft_dir) / STS_FILE if draft_dir else None
+        path = resolve_draft_dir(draft_dir) / STS_FILE if draft_dir else None
         return path if path is not None and path.is_file() else None
     path = Path(setting)
     if not path.is_file():
@@ -55,10 +49,7 @@ def sts_path(setting: str, draft_dir: str | None) -> Path | None:
 def load_sts(path: Path | None) -> torch.Tensor | None:
     if path is None:
         return None
-    data = json.loads(Path(path).read_text())
-    if "temperatures" not in data:
-        raise ValueError(f"{path} holds no 'temperatures'; rewrite it with `deepspec eval calibrate`")
-    return torch.tensor([float(t) for t in data["temperatures"]], dtype=torch.float64)
+    return torch.tensor(read_sts(path), dtype=torch.float64)
 
 
 def save_sts(path: Path, temperatures: list[float], block_size: int, rounds: int, report: dict) -> Path:

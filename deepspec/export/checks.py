@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from deepspec.export.conventions import layer_id_field, tapped_output_layers
+from deepspec.drafters.registry import kind_entry
+from deepspec.export.conventions import layer_id_field, tapped_output_layers, written_layer_ids
 
 # Keys the engines accept but do not require (shared from the target, or ignored).
 OPTIONAL = {
@@ -134,17 +135,16 @@ def _semantic_problems(config: Mapping[str, Any], arch: str) -> list[str]:
     if meta:
         engine, kind = meta["engine"], meta["kind"]
         field = layer_id_field(engine, kind)
-        written = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") if kind == "eagle3" \
-            else (config.get("dflash_config") or {}).get("target_layer_ids")
+        written = written_layer_ids(config, kind)
         top = config.get("eagle_aux_hidden_state_layer_ids")
-        if kind == "eagle3" and engine == "vllm" and top != written:
+        if not kind_entry(kind).parallel_blocks and engine == "vllm" and top != written:
             out.append(f"eagle_aux_hidden_state_layer_ids={top} (top level, the only place vLLM's V2 runner reads) "
                        f"differs from eagle_config's {written}")
         taps = tapped_output_layers(engine, kind, written or [])
         if taps != sorted(meta["layer_ids"]):
             out.append(f"{field}={written}: {engine} would feed the outputs of layers {taps}, the drafter was "
                        f"trained on {sorted(meta['layer_ids'])}")
-        if kind != "eagle3":
+        if kind_entry(kind).parallel_blocks:
             mask = (config.get("dflash_config") or {}).get("mask_token_id")
             if mask != meta.get("mask_token_id"):
                 out.append(f"dflash_config.mask_token_id={mask} but the drafter was trained with "

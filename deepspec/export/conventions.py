@@ -1,4 +1,4 @@
-"""Which target layer an engine taps for a written layer id (SPEC §8, the off-by-one trap).
+"""Which target layer an engine taps for a written layer id (docs/export.md, the off-by-one trap).
 
 deepspec's convention: "layer k" is the *output* of decoder layer k (`hidden_states[k+1]` in
 `transformers`). Each engine reads the ids in a draft's config.json its own way; what we
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from deepspec.drafters.registry import kind_entry
+
 ENGINES = ("vllm", "sglang", "hf")
 
 # (engine, config field) -> what the engine adds to a written id to get the `hidden_states` index it
@@ -48,7 +50,13 @@ def layer_id_field(engine: str, kind: str) -> str:
     """The config field an engine reads the tapped layers from for a drafter kind."""
     if engine == "hf":
         return "layer_ids"
-    return "eagle_aux_hidden_state_layer_ids" if kind == "eagle3" else "target_layer_ids"
+    return kind_entry(kind).engine_layer_field
+
+
+def written_layer_ids(config: dict, kind: str) -> list[int] | None:
+    """The tapped layer ids an engine config.json holds for a drafter kind (None when absent)."""
+    section = "dflash_config" if kind_entry(kind).parallel_blocks else "eagle_config"
+    return (config.get(section) or {}).get(kind_entry(kind).engine_layer_field)
 
 
 def to_engine_ids(engine: str, kind: str, layer_ids: Sequence[int]) -> list[int]:

@@ -19,43 +19,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepspec.drafters.io import CONFIG_FILE, WEIGHTS_FILE, load_drafter, save_drafter
+from deepspec.drafters.io import CONFIG_FILE, STS_FILE, WEIGHTS_FILE, load_drafter, read_sts, save_drafter
+from deepspec.drafters.registry import kind_entry
 from deepspec.drafters.spec import DrafterSpec
 from deepspec.export.checks import ExportCheckError, check_export
-from deepspec.export.conventions import layer_id_field, tapped_output_layers
+from deepspec.export.conventions import layer_id_field, tapped_output_layers, written_layer_ids
 from deepspec.export.layouts import UNMAPPED_PREFIX, deepspec_block, deepspec_state, engine_layout
 from deepspec.targets.shapes import TargetShapes
 
 ENGINE_WEIGHTS = "model.safetensors"
-STS_FILE = "sts.json"
 FORMATS = ("vllm", "sglang", "hf")
-KIND_NAMES = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle3"}
 SGLANG_ALGORITHM = {"eagle3": "EAGLE3", "dspark": "DSPARK", "dflash": "DFLASH"}
 
 
 def find_sts(draft_dir) -> list[float] | None:
     """STS temperatures stored with the drafter (DRAFT/sts.json), or None."""
     path = Path(draft_dir) / STS_FILE
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    if "temperatures" not in data:
-        raise ValueError(f"{path} holds no 'temperatures'; rewrite it with `deepspec eval calibrate`")
-    return [float(t) for t in data["temperatures"]]
-
-
-def resolve_draft_dir(draft) -> Path:
-    """A checkpoint directory holding save_drafter output (a run directory resolves to checkpoints/final)."""
-    if not draft:
-        raise ValueError("export needs draft=PATH: a checkpoint directory written by `deepspec train` "
-                         "(e.g. runs/dspark/checkpoints/final)")
-    path = Path(draft)
-    if not (path / CONFIG_FILE).is_file() and (path / "checkpoints" / "final" / CONFIG_FILE).is_file():
-        path = path / "checkpoints" / "final"
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"draft={draft}: no {CONFIG_FILE} there; point it at a checkpoint directory "
-                                f"written by `deepspec train` (RUN/checkpoints/final or RUN/checkpoints/best)")
-    return path
+    return read_sts(path) if path.is_file() else None
 
 
 def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloat16", check: bool = True,
@@ -69,12 +49,14 @@ def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloa
     out.mkdir(parents=True, exist_ok=True)
     spec = drafter.spec
     warnings: list[str] = []
-    if spec.kind == "dspark" and getattr(drafter, "confidence", None) is not None and sts_temperatures is None:
+    if kind_entry(spec).calibrated_confidence and getattr(drafter, "confidence", None) is not None \
+            and sts_temperatures is None:
         warnings.append("no STS temperatures found next to the drafter (DRAFT/sts.json): the confidence head is "
                         "exported uncalibrated; run `deepspec eval calibrate` first")
     if fmt == "hf":
         files = _write_hf(drafter, out, dtype, sts_temperatures)
-        written_ids, field, method, arch = list(spec.layer_ids), "layer_ids", None, hf_architecture(spec.kind)
+        written_ids, field, method = list(spec.layer_ids), "layer_ids", None
+        arch = kind_entry(spec).hf_architecture
     else:
         exp = engine_layout(drafter, fmt, dtype, sts_temperatures, dflash_layout)
         shapes = {k: tuple(v.shape) for k, v in exp.tensors.items()}
@@ -85,8 +67,7 @@ def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloa
                             f"'{UNMAPPED_PREFIX}*' and the engine will ignore or reject them")
         files = _write_engine(exp, out, sts_temperatures)
         field = layer_id_field(fmt, spec.kind)
-        written_ids = exp.config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] if spec.kind == "eagle3" \
-            else exp.config["dflash_config"]["target_layer_ids"]
+        written_ids = written_layer_ids(exp.config, spec.kind)
         method, arch = exp.method, exp.architecture
         warnings += exp.notes
         if sts_temperatures is not None:
@@ -111,10 +92,6 @@ def export_drafter(drafter: nn.Module, fmt: str, output_dir, dtype: str = "bfloa
     return summary
 
 
-def hf_architecture(kind: str) -> str:
-    return f"DeepSpec{KIND_NAMES[kind]}Drafter"
-
-
 def _write_sts(out: Path, sts_temperatures) -> list[str]:
     if sts_temperatures is None:
         return []
@@ -131,7 +108,7 @@ def _write_engine(exp, out: Path, sts_temperatures) -> list[str]:
 def _write_hf(drafter: nn.Module, out: Path, dtype: str, sts_temperatures) -> list[str]:
     """deepspec's own layout: save_drafter files (in `dtype`) + config.json + sts.json."""
     save_drafter(out, drafter, dtype=getattr(torch, dtype))
-    config = {"architectures": [hf_architecture(drafter.spec.kind)], "model_type": "deepspec_drafter",
+    config = {"architectures": [kind_entry(drafter).hf_architecture], "model_type": "deepspec_drafter",
               "torch_dtype": dtype, "deepspec": deepspec_block(drafter, "hf", sts_temperatures)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return ["config.json", CONFIG_FILE, WEIGHTS_FILE] + _write_sts(out, sts_temperatures)
@@ -168,7 +145,7 @@ def load_exported(directory, embed_tokens=None, lm_head_weight=None, map_locatio
     drafter.to(map_location)
     if embed_tokens is not None and lm_head_weight is not None:
         drafter.attach_target(embed_tokens, lm_head_weight)
-        if spec.kind == "eagle3" and "lm_head.weight" in tensors:
+        if kind_entry(spec).prunes_vocab and "lm_head.weight" in tensors:
             written, own = tensors["lm_head.weight"], drafter.draft_lm_head()
             if not torch.equal(written, own.to(written.dtype)):
                 raise ValueError(f"{src}: the exported lm_head is not the given target's LM head at the kept ids: "

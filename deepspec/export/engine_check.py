@@ -71,15 +71,19 @@ def untrained_drafter(kind: str, target_dir: Path, block_size: int = 4, seed: in
     DFlash/DSpark are built with Qwen3-style q/k norm (`qk_norm`), the layer vLLM's DSpark/DFlash
     models implement, so the export is exact; Eagle3 uses the target's own (Llama) layer.
     """
-    from deepspec.drafters import DrafterSpec, build_drafter
+    from deepspec.drafters import DrafterSpec, build_drafter, kind_entry
 
+    entry = kind_entry(kind)
     shapes, embed, lm_head = target_shapes_and_embedding(target_dir)
-    if kind != "eagle3" and qk_norm:
+    if entry.parallel_blocks and qk_norm:
         shapes = dataclasses.replace(shapes, qk_norm=True)
-    spec = DrafterSpec(kind=kind, num_layers=1 if kind == "eagle3" else 2, block_size=block_size,
-                       mask_token_id=None if kind == "eagle3" else SMOLLM2_MASK_TOKEN,
-                       head="markov" if kind == "dspark" else "none", markov_rank=64,
-                       confidence_head=kind == "dspark", draft_vocab_size=16384 if kind == "eagle3" else None)
+    # the kind's full feature set: Markov + confidence heads where it calibrates confidences (DSpark),
+    # a pruned vocabulary where it prunes one (Eagle3)
+    spec = DrafterSpec(kind=kind, num_layers=entry.fixed_num_layers or 2, block_size=block_size,
+                       mask_token_id=SMOLLM2_MASK_TOKEN if entry.parallel_blocks else None,
+                       head="markov" if entry.calibrated_confidence else "none", markov_rank=64,
+                       confidence_head=entry.calibrated_confidence,
+                       draft_vocab_size=16384 if entry.prunes_vocab else None)
     torch.manual_seed(seed)
     drafter = build_drafter(spec, shapes)
     drafter.attach_target(embed, lm_head)

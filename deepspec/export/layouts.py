@@ -10,7 +10,7 @@ Written against vLLM 0.32.0's own loaders (paths relative to site-packages/vllm)
   llm_base_proposer.py:1416-1560), which is what an unpruned deepspec Eagle3 uses.
 - DFlash and DSpark -> `Qwen3DSparkModel` (model_executor/models/qwen3_dspark.py), served with
   `method: dspark`. Its speculator feeds [anchor, mask x (K-1)] and samples all K slots
-  (v1/worker/gpu/spec_decode/dspark/speculator.py:9-17): exactly deepspec's block (SPEC §2.1,
+  (v1/worker/gpu/spec_decode/dspark/speculator.py:9-17): exactly deepspec's block (docs/algorithms.md,
   "the DSpark variant of DFlash"). Weights `fc`, `hidden_norm` (the context RMSNorm),
   `layers.*` (Qwen3 layers: q_norm/k_norm always present, qwen3_dflash.py:291-313), `norm`,
   `markov_head.markov_w1` [V, r], `markov_head.markov_w2` [V_draft, r] (a ParallelLMHead, so the
@@ -35,7 +35,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deepspec.export.conventions import from_engine_ids, layer_id_field, sorted_taps, to_engine_ids
+from deepspec.choices import BlockLayout
+from deepspec.drafters.registry import kind_entry
+from deepspec.export.conventions import (
+    from_engine_ids,
+    layer_id_field,
+    sorted_taps,
+    to_engine_ids,
+    written_layer_ids,
+)
 
 EXPORT_VERSION = 1
 UNMAPPED_PREFIX = "deepspec_unmapped."  # tensors with no engine name keep this prefix (the check refuses)
@@ -108,7 +116,7 @@ def eagle3_layout(drafter: nn.Module, engine: str, dtype: str) -> EngineExport:
                 else UNMAPPED_PREFIX + name] = t
     if spec.draft_vocab_size is not None:
         # the pruned draft head is the frozen slice of the target's LM head; the engine needs it written
-        if getattr(drafter, "_frozen", None) is None:
+        if not drafter.target_attached:
             raise ValueError("Eagle3 with a pruned vocabulary: the export writes lm_head = the target's LM head rows "
                              "at the kept ids, so attach the target first (deepspec export loads it from the recipe)")
         tensors["lm_head.weight"] = drafter.draft_lm_head()
@@ -144,12 +152,12 @@ def block_layout(drafter: nn.Module, engine: str, dtype: str, dflash_layout: str
             tensors[name] = t
         else:
             tensors[UNMAPPED_PREFIX + name] = t  # e.g. the RNN head: no place in the engines
-    if dflash_layout == "dflash":
+    if dflash_layout == BlockLayout.dflash:
         config["architectures"] = ["DFlashDraftModel"]
         return EngineExport(engine, spec.kind, "DFlashDraftModel", "dflash", config, tensors,
                             notes=["DFlashDraftModel: the engine's dflash method samples the K mask slots after "
                                    "the anchor; this drafter predicts from the anchor slot on (drafts shift by one)"])
-    if dflash_layout != "dspark":
+    if dflash_layout != BlockLayout.dspark:
         raise ValueError(f"export.dflash_layout={dflash_layout!r}; choose dspark (exact) or dflash")
     rank = spec.markov_rank if spec.head == "markov" else 1
     uses_prev = getattr(getattr(drafter, "confidence", None), "uses_prev", False)
@@ -171,7 +179,7 @@ def block_layout(drafter: nn.Module, engine: str, dtype: str, dflash_layout: str
 def engine_layout(drafter: nn.Module, engine: str, dtype: str, sts_temperatures: list[float] | None = None,
                   dflash_layout: str = "dspark") -> EngineExport:
     """The export of `drafter` for `engine` (vllm | sglang), tensors cast to `dtype`."""
-    if drafter.spec.kind == "eagle3":
+    if not kind_entry(drafter).parallel_blocks:
         out = eagle3_layout(drafter, engine, dtype)
     else:
         out = block_layout(drafter, engine, dtype, dflash_layout)
@@ -189,8 +197,7 @@ def deepspec_state(config: dict[str, Any], tensors: dict[str, Tensor]) -> dict[s
     """Engine tensors -> the deepspec drafter's state_dict (inverse of `engine_layout`)."""
     meta = config["deepspec"]
     spec, kind = meta["spec"], meta["kind"]
-    written = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] if kind == "eagle3" \
-        else config["dflash_config"]["target_layer_ids"]
+    written = written_layer_ids(config, kind)
     if from_engine_ids(meta["engine"], kind, written) != sorted(meta["layer_ids"]):
         raise ValueError(f"config.json layer ids {written} ({meta['engine']} convention, field "
                          f"{layer_id_field(meta['engine'], kind)}) do not match the drafter's taps "
@@ -201,7 +208,7 @@ def deepspec_state(config: dict[str, Any], tensors: dict[str, Tensor]) -> dict[s
     for name, t in tensors.items():
         if name.startswith(UNMAPPED_PREFIX):
             state[name[len(UNMAPPED_PREFIX):]] = t
-        elif kind == "eagle3":
+        elif not kind_entry(kind).parallel_blocks:
             if name != "lm_head.weight":  # the frozen target slice: not part of the drafter's state
                 state[name] = _permute_fc(t, perm, inverse=True) if name == "fc.weight" else t
         elif name == "markov_head.markov_w2.weight":

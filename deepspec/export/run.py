@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from deepspec.drafters.registry import kind_entry
 from deepspec.runs import clear_folder, format_table, print0, run_started
 
 EXPORT_FORMATS = ("vllm", "sglang", "hf", "v4", "hf-target")
@@ -27,9 +28,6 @@ def run(cfg) -> dict:
     fmt = cfg.format
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format={fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if cfg.export.engine_layer_ids != "auto":
-        raise ValueError(f"export.engine_layer_ids={cfg.export.engine_layer_ids!r}: only 'auto' (each engine's own "
-                         f"convention, deepspec/export/conventions.py) is supported")
     t0 = time.perf_counter()
     if fmt == "hf-target":
         from deepspec.export.target import export_target
@@ -42,15 +40,16 @@ def run(cfg) -> dict:
                f"{', '.join(summary['files'])}")
         return summary
 
-    from deepspec.drafters.io import load_drafter
-    from deepspec.export.drafter import export_drafter, find_sts, resolve_draft_dir
+    from deepspec.drafters.io import load_drafter, resolve_draft_dir
+    from deepspec.export.drafter import export_drafter, find_sts
     from deepspec.runs import check_export_output
 
     draft_dir = resolve_draft_dir(cfg.draft)
     check_export_output(cfg.output_dir, draft_dir, cfg.overwrite)
     drafter = load_drafter(draft_dir)
     target_note = None
-    if drafter.spec.kind == "eagle3" and drafter.spec.draft_vocab_size is not None and fmt in ("vllm", "sglang"):
+    if kind_entry(drafter).prunes_vocab and drafter.spec.draft_vocab_size is not None \
+            and fmt in ("vllm", "sglang"):
         target_note = _attach_target(cfg, drafter, draft_dir)  # the pruned LM head is a slice of the target's
     _start(cfg)
     if fmt == "v4":

@@ -3,7 +3,7 @@
 vLLM and SGLang read the target from a plain HF directory: `config.json` + safetensors weights
 + tokenizer files + `generation_config.json`. A GGUF target is dequantised by `transformers`
 on load; its config then still carries a `quantization_config` (gguf) that an engine would
-act on, so it is removed before writing (SPEC §11). Used by `deepspec export format=hf-target`
+act on, so it is removed before writing. Used by `deepspec export format=hf-target`
 and by the engine check (scripts/engine_check.sh).
 """
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V4 DSpark layout (SPEC §7): export a V4-style drafter as `mtp.*`, import one back.
+"""DeepSeek-V4 DSpark layout (docs/deepseek_v4.md): export a V4-style drafter as `mtp.*`, import one back.
 
 The published DeepSeek-V4-Flash-DSpark drafter lives inside the target checkpoint, in V4's
 original (pre-`transformers`) tensor names. deepspec <-> V4 names, per draft layer i:

@@ -1,6 +1,6 @@
 """Fused speculative-decoding verification: one call per round for a batch of requests.
 
-``verify`` is the accept/reject step of SPEC §1 for B requests at once.  It has
+``verify`` is the accept/reject step of speculative decoding (docs/engine.md) for B requests at once.  It has
 two backends that agree exactly given the same uniforms: a plain-PyTorch
 reference (``reference.py``) and a single Triton launch (``triton_verify.py``).
 Triton is imported lazily, only when that backend is chosen.

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference for the fused verification step (SPEC §1, §6).
+"""Plain-PyTorch reference for the fused verification step (docs/algorithms.md, docs/engine.md).
 
 This is the specification the Triton kernel in ``triton_verify.py`` must match
 bit for bit: same acceptance test, same integer inverse-CDF draw, same use of

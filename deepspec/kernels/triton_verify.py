@@ -1,4 +1,4 @@
-"""Fused verification as ONE Triton launch: one program per request (SPEC §6).
+"""Fused verification as ONE Triton launch: one program per request (docs/engine.md).
 
 Each program walks its request's drafts left to right, reading only the scalars
 p_t(x_k), p_d(x_k) it needs (sampling) or the argmax of the rows it reaches

@@ -1,6 +1,6 @@
 """FrozenTarget: the one interface data tools, training and eval use to talk to a target.
 
-Convention (SPEC §2): "layer k" is the output of decoder layer k (`hidden_states[k+1]` in
+Convention (docs/algorithms.md): "layer k" is the output of decoder layer k (`hidden_states[k+1]` in
 `transformers`); the final layer is never tapped because its `hidden_states` entry is
 post-norm. The final hidden state returned here is post final norm, pre LM head, so
 `target.logits(final)` is the target's distribution. DeepSeek-V4 keeps 4 mHC residual
@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from deepspec.targets.shapes import TargetShapes, shapes_from_hf_config
+from deepspec.targets.shapes import TargetShapes, check_taps, shapes_from_hf_config
 
 COLLAPSE_RULES = ("mean", "sum", "first", "last")
 
@@ -110,22 +110,8 @@ class FrozenTarget:
         return layers
 
     def check_layer_ids(self, layer_ids: Sequence[int]) -> list[int]:
-        """Validate taps: inside the model and never the final (post-norm) layer."""
-        ids = [int(i) for i in layer_ids]
-        if not ids:
-            raise ValueError("no tapped layers given (drafter.layer_ids is empty after defaults)")
-        last = self.num_layers - 1
-        if self.shapes.model_type == "deepseek_v4":
-            # V4's last decoder layer outputs the 4-stream mHC residual, before hc_head and the final
-            # norm: not post-norm, so it is a valid tap (the published V4 DSpark taps it).
-            last += 1
-        for i in ids:
-            if i == last and last == self.num_layers - 1:
-                raise ValueError(f"layer {i} is the final layer of {self.name} ({self.num_layers} layers): its "
-                                 f"hidden_states entry is post-norm; tap at most layer {last - 1}")
-            if not 0 <= i < last:
-                raise ValueError(f"tap layer {i} is out of range for {self.name}: valid taps are 0..{last - 1}")
-        return ids
+        """Validate taps: inside the model and never the final (post-norm) layer (`check_taps`)."""
+        return check_taps(self.shapes, layer_ids, self.name)
 
     # -- identity ---------------------------------------------------------------------------
     def tokenizer_hash(self) -> str:

@@ -65,6 +65,39 @@ def resolve_source(source: str, gguf_file: Optional[str] = None) -> tuple[str, d
     return source, ({"gguf_file": gguf_file} if gguf_file else {}) | {"local_files_only": True}
 
 
+# configs of targets too large to have locally: DeepseekV4Config's defaults are V4-Flash
+V4_PRESETS = {
+    "deepseek-ai/DeepSeek-V4-Flash": {},
+    "deepseek-ai/DeepSeek-V4-Pro": dict(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                                        n_routed_experts=384, moe_intermediate_size=3072, q_lora_rank=1536,
+                                        o_groups=16),
+}
+
+
+def target_config(source: str, name: str = "", gguf_file: Optional[str] = None,
+                  random_config: Optional[dict[str, Any]] = None):
+    """A target's `transformers` config without its weights: random:TYPE, embedded / .gguf / local
+    directory / cached hub id (through `resolve_source`), or a known DeepSeek-V4 preset by source or name."""
+    from transformers import AutoConfig
+
+    if source.startswith("random:"):
+        return AutoConfig.for_model(source.split(":", 1)[1], **(random_config or {}))
+    path, kwargs = resolve_source(source, gguf_file)
+    if not kwargs.get("local_files_only"):  # a local directory or GGUF file: its own config wins
+        return AutoConfig.from_pretrained(path, **kwargs)
+    for key in (source, name):
+        if key in V4_PRESETS:
+            from transformers import DeepseekV4Config
+
+            return DeepseekV4Config(**V4_PRESETS[key])
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ValueError(f"no config for target.source={source!r}: use a local directory with config.json, a "
+                         f".gguf file, embedded:NAME, random:TYPE, a hub id in the local cache, or one of "
+                         f"{sorted(V4_PRESETS)}") from exc
+
+
 def load_tokenizer(source: str, gguf_file: Optional[str] = None):
     from transformers import AutoTokenizer
 

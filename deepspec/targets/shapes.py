@@ -65,3 +65,26 @@ def shapes_from_hf_config(config) -> TargetShapes:
         num_streams=int(getattr(text, "hc_mult", None) or getattr(text, "num_hyper_connections", None) or 1)
         if model_type == "deepseek_v4" else 1,
     )
+
+
+def check_taps(shapes: TargetShapes, layer_ids, name: str = "the target") -> list[int]:
+    """Tapped layer ids as ints, or a ValueError naming the bad one.
+
+    A tap is the output of a decoder layer, never the final layer's: its `hidden_states` entry is
+    already normalised. DeepSeek-V4 is the exception: its last layer still outputs the parallel
+    residual streams (the stream-collapse head and the final norm come after), and the published
+    V4 drafter taps it.
+    """
+    ids = [int(i) for i in layer_ids]
+    if not ids:
+        raise ValueError("no tapped layers given (drafter.layer_ids is empty after defaults)")
+    top = shapes.num_layers if shapes.model_type == "deepseek_v4" else shapes.num_layers - 1
+    for i in ids:
+        if i == shapes.num_layers - 1 and i == top:
+            raise ValueError(f"drafter.layer_ids: layer {i} is the final layer of {name} "
+                             f"({shapes.num_layers} layers): its hidden_states entry is post-norm, never tap "
+                             f"it (at most layer {top - 1})")
+        if not 0 <= i < top:
+            raise ValueError(f"drafter.layer_ids: tap layer {i} is out of range for {name}: valid taps are "
+                             f"0..{top - 1}")
+    return ids

@@ -16,10 +16,13 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from deepspec.config import DeepSpeedConfig, TrainerConfig
 
 
 @dataclass(frozen=True)
@@ -71,37 +74,36 @@ def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> in
     return global_batch // per_step
 
 
-def deepspeed_json(zero_stage: int, micro_batch: int, grad_accum: int, world_size: int, lr: float,
-                   betas: tuple[float, float], weight_decay: float, grad_clip: float, bf16: bool,
-                   offload_optimizer: bool = False, offload_param: bool = False, overlap_comm: bool = False,
-                   reduce_bucket_size: int = 50_000_000, extra: Optional[dict] = None) -> dict:
-    """The DeepSpeed config dict for one run (ZeRO 0/1/2/3, AdamW, clipping, bf16 or fp32)."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.zero_stage={zero_stage}; choose 0, 1, 2 or 3")
-    zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": overlap_comm,
-                            "reduce_bucket_size": int(reduce_bucket_size)}
-    if offload_optimizer:
+def deepspeed_json(ds: DeepSpeedConfig, tr: TrainerConfig, grad_accum: int, world_size: int,
+                   bf16: bool) -> dict:
+    """The DeepSpeed config dict for one run (ZeRO 0/1/2/3, AdamW, clipping, bf16 or fp32) from the
+    `deepspeed` and `trainer` sections; `ds.extra` is merged over it last."""
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage={ds.zero_stage}; choose 0, 1, 2 or 3")
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm,
+                            "reduce_bucket_size": int(ds.reduce_bucket_size)}
+    if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if offload_param:
-        if zero_stage != 3:
+    if ds.offload_param:
+        if ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs zero_stage=3 (deepspeed=zero3)")
         zero["offload_param"] = {"device": "cpu"}
     cfg = {
-        "train_batch_size": micro_batch * grad_accum * world_size,
-        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": tr.micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": tr.micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": tr.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
         "optimizer": {"type": "AdamW", "params": {
-            "lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay,
+            "lr": tr.lr, "betas": list(tr.betas), "eps": 1e-8, "weight_decay": tr.weight_decay,
             "torch_adam": True, "adam_w_mode": True}},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    _deep_update(cfg, dict(extra or {}))
+    _deep_update(cfg, dict(ds.extra or {}))
     return cfg
 
 
@@ -118,7 +120,7 @@ def build_engine(model: nn.Module, ds_config: dict, lr_lambda: Callable[[int], f
     """DeepSpeed engine over `model`'s trainable parameters with a LambdaLR schedule.
 
     Frozen parameters (requires_grad=False) never enter the optimizer. `leaf_modules`
-    (class names) are kept whole under ZeRO-3 (MoE experts, SPEC §5). `external_params` are
+    (class names) are kept whole under ZeRO-3 (MoE experts, docs/training.md). `external_params` are
     read by `model`'s forward outside their own module's forward (DSpark's W2 in the loss):
     ZeRO-3 gathers them for the whole of `model`'s forward and backward.
     """

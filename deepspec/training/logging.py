@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from deepspec.runs import atomic_write
+
+if TYPE_CHECKING:
+    from deepspec.config import TrainerConfig
 
 
 def wandb_mode(setting: str) -> Optional[str]:
@@ -33,9 +36,9 @@ def wandb_mode(setting: str) -> Optional[str]:
 class RunLogger:
     """Console bar, metrics.jsonl, tensorboard and wandb for one run; inert on ranks > 0."""
 
-    def __init__(self, output_dir, active: bool, total_steps: int, start_step: int, wandb: str = "off",
-                 wandb_project: str = "deepspec", run_name: str = "run", config: Optional[dict] = None,
-                 tensorboard: bool = True, progress: bool = True):
+    def __init__(self, output_dir, active: bool, total_steps: int, start_step: int, tr: TrainerConfig,
+                 run_name: str = "run", config: Optional[dict] = None):
+        """`tr` supplies the sinks: trainer.wandb / wandb_project, trainer.tensorboard, trainer.progress."""
         self.active = active
         self.out = Path(output_dir)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -43,17 +46,17 @@ class RunLogger:
         if not active:
             return
         self._truncate_history(start_step)
-        if tensorboard:
+        if tr.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
-        mode = wandb_mode(wandb)
+        mode = wandb_mode(tr.wandb)
         if mode is not None:
             import wandb as wandb_lib
 
-            self.wb = wandb_lib.init(project=wandb_project, name=run_name, dir=str(self.out), mode=mode,
+            self.wb = wandb_lib.init(project=tr.wandb_project, name=run_name, dir=str(self.out), mode=mode,
                                      config=config or {}, resume="allow")
-        if progress:
+        if tr.progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)

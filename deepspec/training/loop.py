@@ -20,19 +20,25 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from deepspec.drafters.packing import (Eagle3Batch, PackedBatch, SequenceFeatures, batch_sequences,
-                                       pack_blocks)
+from deepspec.drafters.packing import Eagle3Batch, PackedBatch, SequenceFeatures, batch_sequences, pack_blocks
+from deepspec.drafters.registry import kind_entry
 from deepspec.drafters.spec import DrafterSpec
-from deepspec.losses import (block_tau, cpu_half_products, distill_losses, eagle3_row_weights, eagle_soft_ce,
-                             position_weights)
+from deepspec.losses import (
+    block_tau,
+    cpu_half_products,
+    distill_losses,
+    eagle3_row_weights,
+    eagle_soft_ce,
+    position_weights,
+)
 from deepspec.training.distributed import all_reduce_sum
 
 Batch = Union[PackedBatch, Eagle3Batch]
 
 
 def loss_weights(spec: DrafterSpec, gamma_w: Optional[float]) -> Tensor:
-    """w_k per block position (DFlash/DSpark, SPEC §3) or ttt_decay**j per TTT step (Eagle3)."""
-    if spec.kind == "eagle3":
+    """w_k per block position (DFlash/DSpark, docs/training.md) or ttt_decay**j per TTT step (Eagle3)."""
+    if not kind_entry(spec).parallel_blocks:
         return spec.ttt_decay ** torch.arange(spec.ttt_steps, dtype=torch.float32)
     return position_weights(spec.block_size, gamma_w)
 
@@ -41,7 +47,7 @@ def make_batch(seqs: list[SequenceFeatures], spec: DrafterSpec, seed: int, devic
                dtype: torch.dtype) -> Batch:
     """Pack sequences into the drafter's training batch (anchors drawn from a generator seeded by `seed`)."""
     seqs = [s for s in seqs if bool((s.loss_mask_T[:-1] & s.loss_mask_T[1:]).any())] or seqs
-    if spec.kind == "eagle3":
+    if not kind_entry(spec).parallel_blocks:
         batch = batch_sequences(seqs, spec.max_seq_len, spec.ttt_steps)
     else:
         gen = torch.Generator().manual_seed(seed)
@@ -75,7 +81,7 @@ class DraftLoss(nn.Module):
         super().__init__()
         self.eagle3_per_sequence = eagle3_per_sequence  # Eagle3: per-sequence (True) or token mean
         self.drafter = drafter
-        self.kind = drafter.spec.kind
+        self.parallel_blocks = kind_entry(drafter).parallel_blocks
         object.__setattr__(self, "lm_head_weight_VD", lm_head_weight_VD.detach())
         self.register_buffer("weights_K", weights_K.float(), persistent=False)
         self.alphas = (alpha_ce, alpha_tv, alpha_conf)
@@ -111,7 +117,7 @@ class DraftLoss(nn.Module):
         gets bf16 inputs and runs its vocabulary-sized products in bf16 (`cpu_half_products`), while
         softmax statistics, sums and the gradients of the fp32 weights stay fp32."""
         w = self.weights_K
-        if self.kind == "eagle3":  # soft CE against the target over the (pruned, frozen) draft vocabulary
+        if not self.parallel_blocks:  # Eagle3: soft CE against the target over the (pruned) draft vocabulary
             draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
             w_NK = self.row_weights(batch)
             loss, wsum, accept, correct = eagle_soft_ce(
@@ -137,7 +143,7 @@ class DraftLoss(nn.Module):
 
     def row_weights(self, batch: Batch) -> Tensor:
         """Loss weight of each (row, position) of `batch` [N, K]; zero where unsupervised."""
-        if self.kind == "eagle3":
+        if not self.parallel_blocks:  # Eagle3
             return eagle3_row_weights(batch.valid_NK, self.weights_K, batch.input_ids_BT.shape[1],
                                       self.eagle3_per_sequence)
         return batch.valid_NK.float() * self.weights_K.to(batch.valid_NK.device)

@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from deepspec.choices import Eagle3Normalise
 from deepspec.config import section
-from deepspec.drafters import build_drafter, resolve_spec
+from deepspec.drafters import build_drafter, kind_entry, resolve_spec
 from deepspec.guards import redacted
 from deepspec.runs import format_table, print0, rank, run_started, world_size
 from deepspec.training import checkpoint as ckpt
@@ -50,7 +51,7 @@ def open_sources(cfg: DictConfig, target, layer_ids: list[int]):
     is written by one writer (held-out is None when the input has no held-out sequences)."""
     if not cfg.input:
         raise ValueError("input=PATH is required: a `deepspec data regenerate` output directory or a features cache")
-    from data_tools.features import open_feature_splits
+    from deepspec.features import open_feature_splits
 
     cache_dir = cfg.features.cache_dir
     if cache_dir and cfg.features.source == "hybrid" and world_size() > 1:
@@ -66,15 +67,12 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     """The training run proper: drafter, engine, resume, the step loop, checkpoints, summary."""
     env = env or init_distributed(cfg.target.device)
     t_start = time.perf_counter()
-    tr = cfg.trainer
+    tr = section(cfg, "trainer")
     spec = resolve_spec(section(cfg, "drafter"), target.shapes)
     if tr.precision not in ("auto", "bf16", "amp", "fp32"):
         raise ValueError(f"trainer.precision={tr.precision!r}; choose auto (bf16 on GPU, fp32 on CPU), bf16, "
                          f"amp (fp32 weights, bf16 autocast) or fp32")
     amp = torch.bfloat16 if tr.precision == "amp" else None
-    if not cfg.deepspeed.enabled:
-        raise ValueError("deepspeed.enabled=false: the trainer always runs a DeepSpeed engine; for plain data "
-                         "parallel without ZeRO use deepspeed=none (stage 0)")
     bf16 = tr.precision == "bf16" or (tr.precision == "auto" and env.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     grad_accum = grad_accum_steps(tr.global_batch, tr.micro_batch, env.world_size)
@@ -89,22 +87,17 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         print0(f"[train] init_from={cfg.init_from}: drafter weights loaded (fresh optimizer, step 0)")
     else:
         apply_warm_start(drafter, target, tr.warm_start)
-    if not cfg.init_from and spec.kind == "eagle3" and spec.draft_vocab_size is not None:
+    if not cfg.init_from and kind_entry(spec).prunes_vocab and spec.draft_vocab_size is not None:
         set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size, heldout_source)
     if tr.activation_checkpointing:
         apply_activation_checkpointing(drafter)
     weights_K = loss_weights(spec, cfg.loss.gamma_w)
-    if cfg.loss.eagle3_normalise not in ("sequence", "token"):
-        raise ValueError(f"loss.eagle3_normalise={cfg.loss.eagle3_normalise!r}; choose sequence (mean per "
-                         f"sequence, the reference's) or token (mean over all supervised tokens)")
     model = DraftLoss(drafter, target.lm_head_weight, weights_K, cfg.loss.alpha_ce, cfg.loss.alpha_tv,
                       cfg.loss.alpha_conf, cfg.loss.vocab_chunk, cfg.loss.keep_probs_mb,
-                      eagle3_per_sequence=cfg.loss.eagle3_normalise == "sequence").to(env.device)
+                      eagle3_per_sequence=cfg.loss.eagle3_normalise == Eagle3Normalise.sequence).to(env.device)
 
-    ds = cfg.deepspeed
-    ds_config = deepspeed_json(ds.zero_stage, tr.micro_batch, grad_accum, env.world_size, tr.lr, tuple(tr.betas),
-                               tr.weight_decay, tr.grad_clip, bf16, ds.offload_optimizer, ds.offload_param,
-                               ds.overlap_comm, ds.reduce_bucket_size, OmegaConf.to_container(ds.extra))
+    ds = section(cfg, "deepspeed")
+    ds_config = deepspeed_json(ds, tr, grad_accum, env.world_size, bf16)
     lr_lambda = make_lr_lambda(total_steps, tr.schedule, tr.warmup_ratio, tr.min_lr_ratio, tr.decay_ratio)
     engine = build_engine(model, ds_config, lr_lambda, list(ds.leaf_modules), drafter.external_parameters())
 
@@ -136,8 +129,8 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
                           "train_seqs": len(train_source), "heldout_seqs": len(heldout),
                           "precision": "bf16" if bf16 else "amp" if amp else "fp32"}]))
 
-    logger = RunLogger(cfg.output_dir, env.is_rank0, total_steps, state.step, tr.wandb, tr.wandb_project,
-                       Path(cfg.output_dir).name, redacted(cfg), tr.tensorboard, tr.progress)
+    logger = RunLogger(cfg.output_dir, env.is_rank0, total_steps, state.step, tr, Path(cfg.output_dir).name,
+                       redacted(cfg))
 
     def run_eval(step: int) -> dict:
         result = evaluate(engine.module, eval_batches, env.device)

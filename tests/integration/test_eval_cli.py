@@ -46,7 +46,9 @@ def test_eval_contract_command(draft_dir, tmp_path):
         b = summary["benchmarks"][name]
         assert b["prompts"] == prompts
         assert b["greedy_match"] == 1.0, b["mismatches"]
-        assert b["tau"] >= 1.0 and b["speedup"] > 0
+        assert 1.0 <= b["tau"] <= 1 + b["block_size"] and b["speedup"] > 0
+        # tau (accepted + 1 per round) agrees with the acceptance rate and the drafts verified per round
+        assert b["tau"] == pytest.approx(1 + b["acceptance_rate"] * b["drafts_verified_per_round"])
         assert len(b["per_position_acceptance"]) == 7
     assert (out / "results.md").exists() and (out / "acceptance_by_position.png").exists()
 

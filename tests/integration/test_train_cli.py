@@ -13,11 +13,9 @@ import json
 import pytest
 
 from deepspec.cli import main
+from tests.tiny import cli_overrides
 
 pytestmark = pytest.mark.slow
-
-TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
 
 
 def _write_regenerated(folder, n_train=10, n_heldout=2):
@@ -33,9 +31,9 @@ def _write_regenerated(folder, n_train=10, n_heldout=2):
 
 
 def _args(R, out, *extra):
-    return ["train", "recipe=dspark_smollm2", f"input={R}", f"output_dir={out}", "target.source=random:llama",
-            "target.name=tiny-llama", "target.tokenizer=embedded:smollm2-135m-instruct", "target.device=cpu",
-            *[f"+target.random_config.{k}={v}" for k, v in TINY.items()],
+    return ["train", "recipe=dspark_smollm2", f"input={R}", f"output_dir={out}",
+            *cli_overrides("chat", name="tiny-llama", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=6, head_dim=8, max_position_embeddings=512),
             "drafter.num_layers=1", "drafter.markov_rank=8", "drafter.anchors_per_seq=8", "trainer.global_batch=4",
             "trainer.micro_batch=2", "trainer.eval_every=2", "trainer.save_every=2", "trainer.progress=false",
             *extra]
@@ -76,6 +74,5 @@ def test_train_reads_a_features_cache_built_by_data_features(tmp_path):
 
 
 def test_train_cli_explains_a_missing_input(tmp_path, capsys):
-    assert main(["train", "recipe=dspark_smollm2", f"output_dir={tmp_path}", "target.source=random:llama",
-                 *[f"+target.random_config.{k}={v}" for k, v in TINY.items()], "target.tokenizer=null"]) == 1
+    assert main(["train", "recipe=dspark_smollm2", f"output_dir={tmp_path}", *cli_overrides("llama")]) == 1
     assert "input=PATH is required" in capsys.readouterr().err

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import TINY, make_tiny_target  # noqa: E402
+from tests.tiny import SIZES as TINY  # noqa: E402
+from tests.tiny import tiny_target as make_tiny_target  # noqa: E402
 
 TINY_LLAMA = TINY["llama"]
 NUM_TRAIN, NUM_HELDOUT = 32, 8

@@ -12,13 +12,9 @@ from data_tools.cache import FORMAT, MANIFEST, FeatureCache
 from data_tools.regenerate import SamplingSettings, run_regeneration
 from deepspec.cli import main
 from tests.reliability.test_regeneration import _OneFails
+from tests.tiny import cli_overrides
 
-TINY_TARGET = ["target.source=random:llama", "target.name=tiny-llama",
-               "target.tokenizer=embedded:smollm2-135m-instruct", "target.device=cpu",
-               "+target.random_config.hidden_size=32", "+target.random_config.intermediate_size=64",
-               "+target.random_config.num_hidden_layers=4", "+target.random_config.num_attention_heads=4",
-               "+target.random_config.num_key_value_heads=2", "+target.random_config.head_dim=8",
-               "+target.random_config.vocab_size=49152"]
+TINY_TARGET = cli_overrides("chat", name="tiny-llama", hidden_size=32, intermediate_size=64, head_dim=8)
 
 
 def _prompts_folder(path):

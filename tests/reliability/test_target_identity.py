@@ -13,14 +13,11 @@ from data_tools.features import open_feature_splits, write_feature_cache
 from data_tools.hf_engine import HFEngine
 from data_tools.regenerate import SamplingSettings, run_regeneration
 from deepspec.drafters.io import save_drafter
-from tests.unit.chat_target import TINY
+from tests.tiny import SMOLLM2_TOKENIZER, tiny_target
 
 
 def _target(seed: int):
-    from deepspec.targets import load_target
-
-    return load_target(source="random:llama", name="tiny", random_config=TINY,
-                       tokenizer="embedded:smollm2-135m-instruct", device="cpu", seed=seed)
+    return tiny_target("chat", seed=seed, tokenizer=SMOLLM2_TOKENIZER, name="tiny")
 
 
 @pytest.fixture(scope="module")

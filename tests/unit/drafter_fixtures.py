@@ -1,25 +1,17 @@
-"""Tiny random llama / qwen3 targets for the drafter tests (built from configs, nothing downloaded)."""
+"""Tiny llama / qwen3 targets (tests/tiny.py) and their features for the drafter tests."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from deepspec.drafters.packing import SequenceFeatures
-from deepspec.targets.shapes import shapes_from_hf_config
-
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+from deepspec.features import SequenceFeatures
+from tests.tiny import tiny_target as make_tiny_target
 
 
 def tiny_target(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**TINY))
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=8))
-    model.eval()
-    return model, shapes_from_hf_config(model.config)
+    """(the bare `transformers` model, its TargetShapes) of a tiny target with a 96-token vocabulary."""
+    target = make_tiny_target(family, seed=seed, vocab_size=96)
+    return target.model, target.shapes
 
 
 @torch.no_grad()

@@ -246,7 +246,7 @@ def test_deepseek_v4_compressed_cache_rolls_back_by_snapshot_and_replay(tiny_tar
     spec = generate_speculative(target, OracleDrafter(target, K=4, corrupt=0.3), prompts, 20, GREEDY, [])
     assert spec.tokens == base.tokens
     assert len(set(spec.rounds.accepted)) >= 3
-    v4_drafter = make_drafter(target, "dspark", backbone="v4")  # MoE + mHC draft layers (SPEC §7)
+    v4_drafter = make_drafter(target, "dspark", backbone="v4")  # MoE + mHC draft layers (docs/deepseek_v4.md)
     assert generate_speculative(target, v4_drafter, prompts, 20, GREEDY, []).tokens == base.tokens
     with pytest.raises(ValueError, match="batch_size=1"):
         generate_speculative(target, make_drafter(target, "dflash"), prompts * 2, 4, GREEDY, [])

@@ -73,25 +73,34 @@ def test_engine_layer_id_conventions():
             assert tapped_output_layers(engine, kind, to_engine_ids(engine, kind, [5, 1, 3])) == [1, 3, 5]
 
 
-@pytest.mark.parametrize("engine,kind", [("vllm", "eagle3"), ("vllm", "dspark"), ("sglang", "eagle3"),
-                                         ("sglang", "dflash")])
-def test_engine_reads_the_trained_layers_from_a_real_model(tiny_target, engine, kind):
-    """What the engine would capture for the written ids (its hidden_states index = written + engine's
-    own offset) is exactly the tensor deepspec trained on."""
-    from deepspec.export.conventions import ENGINE_ADDS, layer_id_field
-
+# The `hidden_states` index each engine captures for a written id, read in the engines' own source (not
+# from deepspec.export.conventions, which this protects). hidden_states[j] is the input of decoder layer j.
+# - vLLM (v1/worker/gpu/spec_decode/eagle/eagle3_utils.py, get_eagle3_aux_layers_from_config): Eagle3's
+#   eagle_aux_hidden_state_layer_ids are used as they are, and the Llama target records the input of
+#   layer j (model_executor/models/llama.py, aux_hidden_state_layers) -> hidden_states[id];
+#   dflash_config.target_layer_ids get "+ 1 to convert DFlash's aux layer id semantics"
+#   -> hidden_states[id + 1].
+# - SGLang (srt/models/llama.py set_eagle3_layers_to_capture, qwen3.py set_dflash_layers_to_capture) adds 1
+#   to explicit ids for both -> hidden_states[id + 1].
+# deepspec taps [1, 2, 4] (outputs of layers 1, 2, 4) are hidden_states[2], [3], [5].
+@pytest.mark.parametrize("engine,kind,written,captured", [
+    ("vllm", "eagle3", [2, 3, 5], lambda i: i),
+    ("vllm", "dspark", [1, 2, 4], lambda i: i + 1),
+    ("vllm", "dflash", [1, 2, 4], lambda i: i + 1),
+    ("sglang", "eagle3", [1, 2, 4], lambda i: i + 1),
+    ("sglang", "dflash", [1, 2, 4], lambda i: i + 1),
+])
+def test_engine_reads_the_trained_layers_from_a_real_model(tiny_target, engine, kind, written, captured):
     target = tiny_target("llama")
     taps = [1, 2, 4]
+    assert to_engine_ids(engine, kind, taps) == written
+    assert [captured(w) for w in written] == [2, 3, 5]
     ids = torch.randint(0, target.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
     ours = target.forward(ids, taps).taps_BTMD
-    hs = target.model(ids, output_hidden_states=True).hidden_states  # hs[j] = input of layer j
-    written = to_engine_ids(engine, kind, taps)
-    adds = ENGINE_ADDS[(engine, layer_id_field(engine, kind))]
-    engine_view = torch.stack([hs[w + adds] for w in written], dim=2)
-    assert torch.equal(engine_view, ours)
-    # writing deepspec's ids unconverted for vLLM Eagle3 would feed the layer below: the trap
-    if (engine, kind) == ("vllm", "eagle3"):
-        assert not torch.allclose(torch.stack([hs[w] for w in taps], dim=2), ours)
+    hs = target.model(ids, output_hidden_states=True).hidden_states
+    assert torch.equal(torch.stack([hs[j] for j in (2, 3, 5)], dim=2), ours)
+    # writing deepspec's ids unconverted where the engine adds nothing would feed the layer below: the trap
+    assert not torch.allclose(torch.stack([hs[j] for j in taps], dim=2), ours)
 
 
 def test_unsorted_taps_are_reordered_for_the_engine(tiny_target):
@@ -234,7 +243,7 @@ def test_cli_pruned_eagle3_takes_the_lm_head_from_the_training_runs_target(tiny_
 
     from deepspec.config import compose
     from deepspec.export.run import run
-    from tests.conftest import TINY
+    from tests.tiny import SIZES as TINY
 
     drafter, target = make(tiny_target, "eagle3", family="llama", draft_vocab_size=64)
     run_dir = tmp_path / "run"
@@ -264,7 +273,7 @@ def test_cli_eagle3_on_a_qwen3_target_passes_the_key_check(tiny_target, tmp_path
 
     from deepspec.config import compose, section
     from deepspec.export.run import run
-    from tests.conftest import TINY
+    from tests.tiny import SIZES as TINY
 
     target = tiny_target("qwen3")
     assert target.shapes.qk_norm
@@ -292,7 +301,7 @@ def test_smollm2_recipe_drafters_export_for_vllm_and_sglang(recipe, tmp_path):
     from deepspec.config import compose, section
     from deepspec.drafters import build_drafter
     from deepspec.export.drafter import export_drafter
-    from tests.conftest import make_tiny_target
+    from tests.tiny import tiny_target as make_tiny_target
 
     target = make_tiny_target("llama")
     spec = section(compose([f"recipe={recipe}"]), "drafter")

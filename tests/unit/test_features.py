@@ -40,7 +40,8 @@ from data_tools.features import (
 )
 from data_tools.jsonl import write_jsonl_atomic
 from data_tools.tokenize import load_sequences, tokenize_chat
-from tests.unit.chat_target import LOAD_TINY, load_chat_target
+from tests.tiny import LOAD_CHAT_TARGET as LOAD_TINY
+from tests.tiny import chat_target as load_chat_target
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = [0, 2]

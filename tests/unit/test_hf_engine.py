@@ -14,7 +14,7 @@ import torch
 
 from data_tools.hf_engine import HFEngine, decode_attention, resolve_dtype
 from data_tools.regenerate import SamplingSettings
-from tests.unit.chat_target import load_chat_target
+from tests.tiny import chat_target as load_chat_target
 
 
 @pytest.fixture(scope="module")

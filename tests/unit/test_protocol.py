@@ -27,7 +27,7 @@ from data_tools.tokenize import load_sequences, tokenize_chat
 from deepspec.config import compose, section
 from deepspec.losses import eagle_soft_ce
 from deepspec.training.loop import loss_weights
-from tests.unit.chat_target import load_chat_target
+from tests.tiny import chat_target as load_chat_target
 
 LAYERS = [0, 2]
 

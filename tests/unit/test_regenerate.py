@@ -35,7 +35,8 @@ from data_tools.regenerate import (
     read_input_rows,
     run_regeneration,
 )
-from tests.unit.chat_target import LOAD_TINY, load_chat_target
+from tests.tiny import LOAD_CHAT_TARGET as LOAD_TINY
+from tests.tiny import chat_target as load_chat_target
 
 REPO = Path(__file__).resolve().parents[2]
 

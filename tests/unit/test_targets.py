@@ -28,7 +28,7 @@ def test_v4_streams_are_collapsed_by_the_configured_rule(tiny_target):
     ids = torch.randint(0, target.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
     raw = target.model(input_ids=ids, output_hidden_states=True).hidden_states[2]
     assert raw.dim() == 4 and raw.shape[2] == 4  # [B, S, 4 streams, D]
-    from tests.conftest import make_tiny_target
+    from tests.tiny import tiny_target as make_tiny_target
 
     for rule, expected in [("sum", raw.sum(2)), ("first", raw[:, :, 0]), ("mean", raw.mean(2))]:
         t = make_tiny_target("deepseek_v4", stream_collapse=rule)
@@ -54,7 +54,7 @@ def test_tap_errors_name_the_layer(tiny_target):
 
 
 def test_bad_collapse_rule_is_rejected():
-    from tests.conftest import make_tiny_target
+    from tests.tiny import tiny_target as make_tiny_target
 
     with pytest.raises(ValueError, match="stream_collapse"):
         make_tiny_target("llama", stream_collapse="median")

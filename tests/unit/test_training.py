@@ -72,19 +72,25 @@ def test_global_batch_must_divide():
 
 
 def test_deepspeed_json_for_cpu_and_gpu():
-    cpu = deepspeed_json(2, 4, 2, 1, 1e-3, (0.9, 0.95), 0.0, 1.0, bf16=False, extra={"zero_optimization":
-                                                                                     {"contiguous_gradients": True}})
+    from deepspec.config import DeepSpeedConfig, TrainerConfig
+
+    tr = TrainerConfig(micro_batch=4, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.0, grad_clip=1.0)
+    extra = {"zero_optimization": {"contiguous_gradients": True}}
+    cpu = deepspeed_json(DeepSpeedConfig(zero_stage=2, extra=extra), tr, grad_accum=2, world_size=1,
+                         bf16=False)
     assert cpu["train_batch_size"] == 8 and cpu["gradient_accumulation_steps"] == 2
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["optimizer"]["type"] == "AdamW"
     assert cpu["bf16"]["enabled"] is False and cpu["gradient_clipping"] == 1.0
     assert cpu["zero_optimization"] == {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 50_000_000,
                                         "contiguous_gradients": True}
-    gpu = deepspeed_json(3, 8, 8, 8, 6e-4, (0.9, 0.95), 0.0, 1.0, bf16=True, offload_param=True)
+    gpu = deepspeed_json(DeepSpeedConfig(zero_stage=3, offload_param=True), TrainerConfig(micro_batch=8), 8,
+                         8, bf16=True)
+    assert gpu["train_batch_size"] == 512 and gpu["optimizer"]["params"]["lr"] == TrainerConfig.lr
     assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["offload_param"] == {"device": "cpu"}
     with pytest.raises(ValueError, match="zero_stage=3"):
-        deepspeed_json(2, 1, 1, 1, 1e-3, (0.9, 0.95), 0, 1, False, offload_param=True)
+        deepspeed_json(DeepSpeedConfig(zero_stage=2, offload_param=True), tr, 1, 1, False)
     with pytest.raises(ValueError, match="zero_stage=4"):
-        deepspeed_json(4, 1, 1, 1, 1e-3, (0.9, 0.95), 0, 1, False)
+        deepspeed_json(DeepSpeedConfig(zero_stage=4), tr, 1, 1, False)
 
 
 def test_fingerprint_diff_names_keys_and_wandb_modes(monkeypatch):

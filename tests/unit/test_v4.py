@@ -1,4 +1,4 @@
-"""V4-style DSpark drafter (SPEC §7): the layer is transformers' V4 block, no leakage across the anchor,
+"""V4-style DSpark drafter: the layer is transformers' V4 block, no leakage across the anchor,
 training forward == inference propose, full-size Flash / Pro parameter counts, the `mtp.*` export
 round trip, the V4 final-layer tap, and the capacity-plan arithmetic."""
 
@@ -20,7 +20,7 @@ from deepspec.drafters.v4 import V4DraftLayer, V4DSparkDrafter, v4_config
 from deepspec.export.v4 import NO_SINK, export_v4, import_v4
 from deepspec.plan import cache_bytes_per_token, capacity_plan, model_state_bytes
 from deepspec.targets.shapes import shapes_from_hf_config
-from tests.conftest import make_tiny_target
+from tests.tiny import tiny_target as make_tiny_target
 
 K = 5
 TAPS = [2, 3, 4]
@@ -242,7 +242,7 @@ def test_import_of_a_published_style_checkpoint_uses_its_config(target, tmp_path
     (tmp_path / "deepspec_v4.json").unlink()
     from transformers import AutoConfig
 
-    from tests.conftest import TINY
+    from tests.tiny import SIZES as TINY
     cfg = AutoConfig.for_model("deepseek_v4", **TINY["deepseek_v4"]).to_dict()
     cfg.update(json.loads((tmp_path / "dspark_config.json").read_text()))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -258,8 +258,8 @@ def test_import_of_a_published_style_checkpoint_uses_its_config(target, tmp_path
 
 
 def test_capacity_plan_arithmetic():
-    assert cache_bytes_per_token(2560, 5, "bf16") == 5 + 2 * 2560 * 6  # SPEC §4 publishes 6 + 2·d·(m+1)
-    assert cache_bytes_per_token(4096, 3, "fp8") == 5 + 4096 * 4 + 4 * 4
+    assert cache_bytes_per_token(2560, 5, "bf16") == 5 + 2 * 2560 * 6  # DeepSpec's: 6 + 2·d·(m+1)
+    assert cache_bytes_per_token(4096, 3, "fp8") == 5 + 3 * 4096 + 2 * 4096 + 3 * 4  # fp8 taps, bf16 final
     P, W = 1000, 8
     assert [model_state_bytes(P, s, W) for s in range(4)] == [16000, 4000 + 1500, 2000 + 1750, 2000]
     tiny = dict(vocab_size=256, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=6,
@@ -353,3 +353,12 @@ def test_import_dequantises_fp8_blocks_and_packed_fp4_experts(target, tmp_path):
     save_file(state, str(tmp_path / "mtp.safetensors"))
     with pytest.raises(ValueError, match="wq_a"):
         read_mtp_tensors(tmp_path)
+
+
+def test_data_estimate_and_plan_read_a_v4_target_config_the_same_way():
+    from data_tools.commands import target_shapes
+    from deepspec.config import compose
+
+    shapes = target_shapes(compose(["recipe=dspark_v4_flash"]))  # no weights, no hub: the V4-Flash preset
+    assert (shapes.model_type, shapes.num_layers, shapes.hidden_size, shapes.num_streams) == \
+        ("deepseek_v4", 43, 4096, 4)

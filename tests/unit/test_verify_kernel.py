@@ -1,4 +1,4 @@
-"""Fused verification: the rules of SPEC §1 on hand-made cases, losslessness, and
+"""Fused verification: the acceptance rules (docs/algorithms.md) on hand-made cases, losslessness, and
 Triton kernel == PyTorch reference exactly (kernel run under TRITON_INTERPRET=1 in a
 subprocess, because the interpreter must be chosen before triton is first imported)."""
 

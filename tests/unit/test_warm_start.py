@@ -110,3 +110,12 @@ def test_cpu_half_products_only_inside_their_context():
     fast, g_fast = loss_and_grad(True)
     assert fast != exact and fast == pytest.approx(exact, rel=2e-2)  # bf16-rounded logits
     assert torch.nn.functional.cosine_similarity(g_fast.flatten(), g_exact.flatten(), dim=0) > 0.99
+
+
+def test_config_choices_match_the_library_checks():
+    from data_tools.hf_engine import DTYPES
+    from deepspec.choices import RegenDtype, WarmStart
+    from deepspec.training.warm_start import MODES
+
+    assert set(WarmStart) == set(MODES)
+    assert set(RegenDtype) == {"auto", *DTYPES}
