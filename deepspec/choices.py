@@ -73,6 +73,19 @@ class Precision(Choice):
     auto = "auto"  # bf16 on GPU, fp32 on CPU
     bf16 = "bf16"
     fp32 = "fp32"
+    amp = "amp"  # fp32 weights, bf16 autocast
+
+
+class WarmStart(Choice):
+    none = "none"  # random init
+    target = "target"  # the drafter's layers start as the target's top layers
+
+
+class RegenDtype(Choice):
+    auto = "auto"  # bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else the target's dtype
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 class WandbMode(Choice):

@@ -26,6 +26,7 @@ from deepspec.choices import (
     ExportFormat,
     FeatureMode,
     Precision,
+    RegenDtype,
     RegenEngine,
     Schedule,
     StorageDtype,
@@ -33,6 +34,7 @@ from deepspec.choices import (
     TorchDtype,
     VerifyKernel,
     WandbMode,
+    WarmStart,
 )
 from deepspec.drafters.spec import DrafterSpec
 
@@ -113,6 +115,7 @@ class RegenConfig:
     retry_failed: bool = True  # a rerun retries rows that ended as error (false: they stay final)
     max_error_fraction: float = 0.1  # more failed rows than this (of rows to regenerate): exit non-zero
     window_batches: int = 4  # engine=hf: rows are sorted by prompt length within batch_size * this
+    dtype: RegenDtype = RegenDtype.auto  # engine=hf: auto = bf16 on AVX512-BF16/AMX CPUs and CUDA
 
 
 @dataclass
@@ -144,6 +147,7 @@ class TrainerConfig:
     micro_batch: int = 8  # sequences per rank per forward
     precision: Precision = Precision.auto
     activation_checkpointing: bool = False
+    warm_start: WarmStart = WarmStart.none  # target: drafter layers start as the target's top layers
     log_every: int = 10
     eval_every: int = 100  # held-out simulated-tau evaluation every M steps (0 = only at the end)
     eval_sequences: int = 32

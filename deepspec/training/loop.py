@@ -13,6 +13,7 @@ one process with gradient accumulation and N processes give the same update.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
@@ -22,7 +23,14 @@ from torch import Tensor, nn
 from deepspec.drafters.packing import Eagle3Batch, PackedBatch, SequenceFeatures, batch_sequences, pack_blocks
 from deepspec.drafters.registry import kind_entry
 from deepspec.drafters.spec import DrafterSpec
-from deepspec.losses import block_tau, distill_losses, eagle3_row_weights, eagle_soft_ce, position_weights
+from deepspec.losses import (
+    block_tau,
+    cpu_half_products,
+    distill_losses,
+    eagle3_row_weights,
+    eagle_soft_ce,
+    position_weights,
+)
 from deepspec.training.distributed import all_reduce_sum
 
 Batch = Union[PackedBatch, Eagle3Batch]
@@ -86,6 +94,28 @@ class DraftLoss(nn.Module):
 
     def losses(self, batch: Batch) -> LossParts:
         out = self.drafter(batch)
+        amp = self._amp_dtype(batch)
+        if amp is not None:
+            with torch.autocast(batch.target_hidden_NKD.device.type, enabled=False):
+                return self._losses(out, batch, amp)
+        return self._losses(out, batch, None)
+
+    def _amp_dtype(self, batch: Batch) -> torch.dtype | None:
+        device = batch.target_hidden_NKD.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+    def _half_lm_head(self, dtype: torch.dtype) -> Tensor:
+        """The frozen LM head in `dtype`, cast once (it never changes)."""
+        cached = getattr(self, "_lm_head_half", None)
+        if cached is None or cached.dtype != dtype:
+            cached = self.lm_head_weight_VD.to(dtype)
+            object.__setattr__(self, "_lm_head_half", cached)
+        return cached
+
+    def _losses(self, out, batch: Batch, amp: torch.dtype | None) -> LossParts:
+        """The loss of the drafter's output. Under amp (bf16 autocast) DFlash/DSpark's chunked loss
+        gets bf16 inputs and runs its vocabulary-sized products in bf16 (`cpu_half_products`), while
+        softmax statistics, sums and the gradients of the fp32 weights stay fp32."""
         w = self.weights_K
         if not self.parallel_blocks:  # Eagle3: soft CE against the target over the (pruned) draft vocabulary
             draft_head = self.lm_head_weight_VD if out.lm_head_weight_VD is None else out.lm_head_weight_VD
@@ -97,9 +127,17 @@ class DraftLoss(nn.Module):
             tv = (w_NK * 2 * (1 - accept) * valid).sum()
             return LossParts(loss, loss.detach(), tv, tv.new_zeros(()), wsum, accept, correct, valid)
         a_ce, a_tv, a_conf = self.alphas
-        r = distill_losses(out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD, batch.labels_NK,
-                           batch.valid_NK, w, out.lowrank_NKR, out.lowrank_weight_RV, out.conf_logit_NK,
-                           a_ce, a_tv, a_conf, self.vocab_chunk, keep_probs_mb=self.keep_probs_mb)
+        hidden, lm_head, target_hidden = out.hidden_NKD, self.lm_head_weight_VD, batch.target_hidden_NKD
+        lowrank, lowrank_w, conf = out.lowrank_NKR, out.lowrank_weight_RV, out.conf_logit_NK
+        if amp is not None:
+            hidden, lm_head, target_hidden = hidden.to(amp), self._half_lm_head(amp), target_hidden.to(amp)
+            lowrank = None if lowrank is None else lowrank.to(amp)
+            lowrank_w = None if lowrank_w is None else lowrank_w.to(amp)
+            conf = None if conf is None else conf.float()
+        with cpu_half_products(amp is not None):
+            r = distill_losses(hidden, lm_head, target_hidden, batch.labels_NK, batch.valid_NK, w, lowrank,
+                               lowrank_w, conf, a_ce, a_tv, a_conf, self.vocab_chunk,
+                               keep_probs_mb=self.keep_probs_mb)
         return LossParts(r.loss_sum, r.ce_sum, r.tv_sum, r.conf_sum, r.weight_sum, r.accept_NK, r.correct_NK,
                          r.valid_NK)
 
@@ -146,8 +184,18 @@ class Tally:
                 "per_position_acceptance": (acc / cnt).tolist(), "per_position_accuracy": (cor / cnt).tolist()}
 
 
-def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int) -> dict:
-    """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree)."""
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the drafter and its loss: matmuls in ``dtype`` (bf16), weights, gradients and
+    optimizer state stay fp32 (``dtype=None``: a no-op context)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int,
+               autocast_dtype: torch.dtype | None = None) -> dict:
+    """One optimizer step over this rank's micro-batches; returns global metrics (all ranks agree).
+    ``autocast_dtype`` (bf16) runs forward and backward under `autocast` (fp32 master weights)."""
     device = next(engine.module.parameters()).device
     local_w = sum(engine.module.row_weights(b).sum() for b in batches)
     global_w = float(all_reduce_sum(torch.as_tensor(local_w, dtype=torch.float64, device=device)))
@@ -159,7 +207,8 @@ def train_step(engine, batches: list[Batch], weights_K: Tensor, world_size: int)
     tally = Tally(weights_K.numel())
     grad_norm = None
     for i, batch in enumerate(batches):
-        parts = LossParts(*engine(batch))
+        with autocast(device, autocast_dtype):
+            parts = LossParts(*engine(batch))
         engine.backward(parts.loss_sum * scale)
         if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = local_grad_norm(engine.module)  # DeepSpeed reports no norm for fp32 without ZeRO

@@ -32,6 +32,7 @@ from deepspec.training.distributed import (DistEnv, build_engine, deepspeed_json
 from deepspec.training.logging import RunLogger, plot_loss_curve
 from deepspec.training.loop import DraftLoss, evaluate, loss_weights, make_batch, train_step
 from deepspec.training.schedule import make_lr_lambda
+from deepspec.training.warm_start import apply_warm_start
 
 
 def run(cfg: DictConfig) -> dict:
@@ -68,8 +69,10 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     t_start = time.perf_counter()
     tr = section(cfg, "trainer")
     spec = resolve_spec(section(cfg, "drafter"), target.shapes)
-    if tr.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"trainer.precision={tr.precision!r}; choose auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
+    if tr.precision not in ("auto", "bf16", "amp", "fp32"):
+        raise ValueError(f"trainer.precision={tr.precision!r}; choose auto (bf16 on GPU, fp32 on CPU), bf16, "
+                         f"amp (fp32 weights, bf16 autocast) or fp32")
+    amp = torch.bfloat16 if tr.precision == "amp" else None
     bf16 = tr.precision == "bf16" or (tr.precision == "auto" and env.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     grad_accum = grad_accum_steps(tr.global_batch, tr.micro_batch, env.world_size)
@@ -82,7 +85,9 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
     if cfg.init_from:
         ckpt.load_weights(drafter, cfg.init_from, target=target_id)
         print0(f"[train] init_from={cfg.init_from}: drafter weights loaded (fresh optimizer, step 0)")
-    elif kind_entry(spec).prunes_vocab and spec.draft_vocab_size is not None:
+    else:
+        apply_warm_start(drafter, target, tr.warm_start)
+    if not cfg.init_from and kind_entry(spec).prunes_vocab and spec.draft_vocab_size is not None:
         set_eagle3_vocab(drafter, train_source, target.vocab_size, spec.draft_vocab_size, heldout_source)
     if tr.activation_checkpointing:
         apply_activation_checkpointing(drafter)
@@ -122,7 +127,7 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
                           "grad_accum": grad_accum, "steps": total_steps,
                           "epochs": round(total_steps * tr.global_batch / len(train_source), 2),
                           "train_seqs": len(train_source), "heldout_seqs": len(heldout),
-                          "precision": "bf16" if bf16 else "fp32"}]))
+                          "precision": "bf16" if bf16 else "amp" if amp else "fp32"}]))
 
     logger = RunLogger(cfg.output_dir, env.is_rank0, total_steps, state.step, tr, Path(cfg.output_dir).name,
                        redacted(cfg))
@@ -144,7 +149,7 @@ def train(cfg: DictConfig, target, train_source, heldout_source=None, env: Optio
         epoch, plans = plan_step(len(train_source), tr.global_batch, tr.micro_batch, env.world_size, env.rank,
                                  cfg.seed, step)
         batches = [make_batch(train_source.get_batch(p.indices), spec, p.seed, env.device, dtype) for p in plans]
-        last = train_step(engine, batches, weights_K, env.world_size)
+        last = train_step(engine, batches, weights_K, env.world_size, amp)
         dt = time.perf_counter() - t0
         train_time, tokens, sequences = train_time + dt, tokens + last["anchor_tokens"], sequences + tr.global_batch
         last.update(lr=engine.get_lr()[0],
@@ -214,7 +219,7 @@ def run_fingerprint(cfg: DictConfig, spec, target, bf16: bool) -> dict:
         "micro_batch": cfg.trainer.micro_batch,
         "seed": cfg.seed,
         "zero_stage": cfg.deepspeed.zero_stage,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if bf16 else "amp" if cfg.trainer.precision == "amp" else "fp32",
         "loss": OmegaConf.to_container(cfg.loss),
     }
 
