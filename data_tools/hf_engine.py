@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from data_tools.regenerate import InputRow, RowResult, SamplingSettings
+from deepspec.targets import release_target
 
 ATTENTION = "deepspec_decode"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,9 +103,14 @@ class HFEngine:
         self.window = batch_size * window_batches
         model_dtype = next(target.model.parameters()).dtype
         self.dtype = resolve_dtype(dtype, torch.device(target.device), model_dtype)
-        if self.dtype != model_dtype:  # the regeneration command owns this target: cast in place
+        switch_attention = target.model.config._attn_implementation in ("sdpa", "eager")
+        if self.dtype != model_dtype or switch_attention:
+            # changed in place below: this engine owns the target, so a later stage of the same process
+            # (quickstart's train and eval) loads its own copy in the dtype and attention it asks for
+            release_target(target)
+        if self.dtype != model_dtype:
             target.model.to(self.dtype)
-        if target.model.config._attn_implementation in ("sdpa", "eager"):
+        if switch_attention:
             use_decode_attention(target.model)
         tok = target.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else target.eos_token_ids[0]

@@ -9,7 +9,7 @@ from deepspec.targets.loading import load_model, load_tokenizer, pick_device, to
 from deepspec.targets.shapes import TargetShapes, shapes_from_hf_config
 
 __all__ = ["FrozenTarget", "TargetOutput", "TargetShapes", "COLLAPSE_RULES", "collapse_streams", "load_target",
-           "target_from_config", "shapes_from_hf_config"]
+           "target_from_config", "release_target", "shapes_from_hf_config"]
 
 
 def load_target(source: str, name: Optional[str] = None, gguf_file: Optional[str] = None,
@@ -47,6 +47,13 @@ def target_from_config(cfg, need_tokenizer: bool = True) -> FrozenTarget:
         _LOADED.clear()  # keep at most one resident target
         _LOADED[key] = _load_from_section(t, need_tokenizer)
     return _LOADED[key]
+
+
+def release_target(target: FrozenTarget) -> None:
+    """Take `target` out of the shared cache: a caller about to change it in place (its dtype, its
+    attention implementation) owns it from then on, and later stages load a fresh copy."""
+    for key in [k for k, v in _LOADED.items() if v is target]:
+        del _LOADED[key]
 
 
 def _load_from_section(t, need_tokenizer: bool) -> FrozenTarget:

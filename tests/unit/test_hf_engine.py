@@ -126,3 +126,24 @@ def test_dtype_resolution(monkeypatch):
     assert resolve_dtype("float32", cpu, torch.bfloat16) == torch.float32
     with pytest.raises(ValueError, match="regen.dtype='fp8'"):
         resolve_dtype("fp8", cpu, torch.float32)
+
+
+def test_an_engine_that_changes_the_target_takes_it_out_of_the_shared_cache():
+    # quickstart runs regenerate, train and eval in one process on one cached target: the bf16 cast and
+    # decode attention of regeneration must not leak into the later stages' target
+    from omegaconf import OmegaConf
+
+    from deepspec.targets import target_from_config
+
+    cfg = OmegaConf.create({"target": {"source": "random:llama", "name": "tiny", "gguf_file": None, "tokenizer": None,
+                                       "dtype": "float32", "device": "cpu", "device_map": None,
+                                       "stream_collapse": "mean", "random_config": {"num_hidden_layers": 2},
+                                       "seed": 0, "chat_template": None}})
+    shared = target_from_config(cfg, need_tokenizer=False)
+    assert target_from_config(cfg, need_tokenizer=False) is shared
+    shared.tokenizer = load_chat_target().tokenizer
+    HFEngine(shared, SamplingSettings(max_new_tokens=4), batch_size=2, dtype="bfloat16")
+    fresh = target_from_config(cfg, need_tokenizer=False)
+    assert fresh is not shared
+    assert next(fresh.model.parameters()).dtype == torch.float32
+    assert fresh.model.config._attn_implementation != shared.model.config._attn_implementation
