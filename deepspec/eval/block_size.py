@@ -93,6 +93,7 @@ def measure_round_costs(target, drafter, prompts: list[list[int]], gammas: list[
     kept: on a machine shared with other jobs it is the least disturbed one.
     """
     from deepspec.decoding.target_runner import TargetSession
+    from deepspec.drafters.registry import kind_entry
 
     B = len(prompts)
     device = target.device
@@ -108,7 +109,7 @@ def measure_round_costs(target, drafter, prompts: list[list[int]], gammas: list[
         ids_BT[b, :len(p)] = torch.tensor(p, device=device)
     state.extend(out.taps_BTMD, len_B, tokens_BT=ids_BT)
     anchor_B = token_B1[:, 0]
-    kw = "num_tokens" if drafter.spec.kind == "eagle3" else "num_drafts"
+    kw = "num_drafts" if kind_entry(drafter.spec).parallel_blocks else "num_tokens"
     none_kept = torch.zeros(B, dtype=torch.long, device=device)
 
     def decode_step():
