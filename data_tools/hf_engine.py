@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from data_tools.regenerate import InputRow, RowResult, SamplingSettings
+from deepspec.eval.dtype import cpu_bf16_flags
 from deepspec.targets import release_target
 
 ATTENTION = "deepspec_decode"
@@ -35,13 +36,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def cpu_bf16_supported() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    """Whether this CPU multiplies bf16 natively (the eval's dtype rule reads the same flags)."""
+    return bool(cpu_bf16_flags())
 
 
 def resolve_dtype(name: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
