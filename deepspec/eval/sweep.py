@@ -121,8 +121,9 @@ def evaluate_baseline(target: FrozenTarget, name: str, benches: list[Benchmark],
     drafter, sts = _baseline_drafter(target, name)
     notes = []
     entry = kind_entry(drafter)
-    K = block_size if block_size and (not entry.parallel_blocks or block_size <= drafter.spec.block_size) else None
-    if block_size and K is None:
+    fits = not entry.parallel_blocks or (block_size or 0) <= drafter.spec.block_size
+    K = block_size if block_size and fits and name != MTP else None
+    if block_size and K is None and name != MTP:
         notes.append(f"eval.block_size={block_size} exceeds its block size {drafter.spec.block_size}: "
                      f"drafts {drafter.spec.block_size} per round")
     own = replace(settings, block_size=K, sts_temperatures=sts)
@@ -142,5 +143,7 @@ def evaluate_baseline(target: FrozenTarget, name: str, benches: list[Benchmark],
                                                         target.device) / 2**20},
            "notes": notes}
     if name == MTP:
-        out["title"] = "MTP-1 (the target's own MTP module, one draft per round)"
+        out.update(kind="mtp", title="MTP-1 (the target's own MTP module, one draft per round)")
+    if hasattr(drafter, "close"):
+        drafter.close()
     return out

@@ -103,3 +103,24 @@ def test_contract_command_on_smollm2(tmp_path):
                f"eval.baselines=[{draft2}]", "eval.max_new_tokens=16", f"output_dir={out}"])
     assert rc == 0
     _check_contract(out, draft2, ["gsm8k", "humaneval", "mt-bench", "instruct"], [1, 4])
+
+
+@pytest.mark.slow
+def test_v4_report_has_an_mtp1_row(tmp_path):
+    """`deepspec eval recipe=dspark_v4_tiny ... eval.baselines=[mtp]`: the tiny V4 target's own MTP module."""
+    import data_tools  # noqa: F401  (the recipe's shipped chat data)
+    from deepspec.config import compose
+    from deepspec.targets import target_from_config
+
+    cfg = compose(["recipe=dspark_v4_tiny"])
+    shapes = target_from_config(cfg, need_tokenizer=False).shapes
+    draft, _ = _drafters(cfg, shapes, tmp_path)
+    out = tmp_path / "E"
+    rc = main(["eval", "recipe=dspark_v4_tiny", f"draft={draft}", "eval.baselines=[mtp]", "eval.max_prompts=2",
+               "eval.max_new_tokens=8", "eval.benchmarks=[gsm8k]", f"output_dir={out}"])
+    assert rc == 0
+    mtp = json.loads((out / "summary.json").read_text())["baselines"]["mtp"]
+    assert mtp["kind"] == "mtp" and mtp["block_size"] == 1
+    row = mtp["benchmarks"]["gsm8k"]["sweep"][0]
+    assert row["greedy_match"] == 1.0 and 1.0 <= row["tau"] <= 2.0 and row["speedup"] > 0
+    assert "MTP-1" in (out / "results.md").read_text()
