@@ -91,7 +91,7 @@ def device_generator(target: FrozenTarget, seed: int) -> torch.Generator:
     return torch.Generator(device=target.device).manual_seed(seed)
 
 
-def _spec(target, drafter, prompts, settings: DecodeSettings, generator) -> Generation:
+def decode_speculative(target, drafter, prompts, settings: DecodeSettings, generator) -> Generation:
     return generate_speculative(target, drafter, prompts, settings.max_new_tokens, settings.sampling,
                                 target.eos_token_ids, block_size=settings.block_size,
                                 confidence_threshold=settings.confidence_threshold, budget_fn=settings.budget_fn,
@@ -99,7 +99,7 @@ def _spec(target, drafter, prompts, settings: DecodeSettings, generator) -> Gene
                                 kernel=settings.kernel)
 
 
-def _base(target, prompts, settings: DecodeSettings, generator) -> Generation:
+def decode_target_only(target, prompts, settings: DecodeSettings, generator) -> Generation:
     return generate_target_only(target, prompts, settings.max_new_tokens, settings.sampling, target.eos_token_ids,
                                 generator=generator)
 
@@ -110,9 +110,9 @@ def warm_up(target: FrozenTarget, drafter, settings: DecodeSettings) -> None:
     prompt = encode_chat(target, [{"role": "user", "content": "Hello"}], settings.thinking)
     short = DecodeSettings(**{**settings.__dict__, "max_new_tokens": 4})
     if drafter is None:
-        _base(target, [prompt], short, device_generator(target, 0))
+        decode_target_only(target, [prompt], short, device_generator(target, 0))
     else:
-        _spec(target, drafter, [prompt], short, device_generator(target, 0))
+        decode_speculative(target, drafter, [prompt], short, device_generator(target, 0))
 
 
 def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: DecodeSettings,
@@ -142,14 +142,14 @@ def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: Dec
                 history[i].append({"role": "user", "content": batch[i][turn]})
             prompts = [encode_chat(target, history[i], settings.thinking) for i in rows]
             if not baseline:
-                spec = _spec(target, drafter, prompts, settings, g_spec)
+                spec = decode_speculative(target, drafter, prompts, settings, g_spec)
                 base = spec
             elif batch_index % 2 == 0:
-                base = _base(target, prompts, settings, g_base)
-                spec = _spec(target, drafter, prompts, settings, g_spec)
+                base = decode_target_only(target, prompts, settings, g_base)
+                spec = decode_speculative(target, drafter, prompts, settings, g_spec)
             else:
-                spec = _spec(target, drafter, prompts, settings, g_spec)
-                base = _base(target, prompts, settings, g_base)
+                spec = decode_speculative(target, drafter, prompts, settings, g_spec)
+                base = decode_target_only(target, prompts, settings, g_base)
             batch_index += 1
             result.spec_tokens.extend(spec.tokens)
             result.spec_timings.add(spec.timings)

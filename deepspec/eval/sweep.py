@@ -24,8 +24,8 @@ from deepspec.eval.benchmarks import KINDS, Benchmark
 from deepspec.eval.evaluate import (
     BenchmarkRun,
     DecodeSettings,
-    _base,
-    _spec,
+    decode_speculative,
+    decode_target_only,
     device_generator,
     encode_chat,
     run_benchmark,
@@ -58,7 +58,7 @@ def measure_memory(target: FrozenTarget, load_drafter: Callable[[], nn.Module], 
     if warmup:
         warm_up(target, None, settings)
     with PeakMemory(target.device) as base:
-        _base(target, prompts, settings, device_generator(target, settings.seed))
+        decode_target_only(target, prompts, settings, device_generator(target, settings.seed))
     drafter = load_drafter()
     spec, K = _spec_peak(target, drafter, prompts, settings, warmup)
     row = memory_row(base, spec, drafter_param_bytes(drafter),
@@ -71,7 +71,7 @@ def _spec_peak(target, drafter, prompts, settings: DecodeSettings, warmup: bool)
     if warmup:
         warm_up(target, drafter, settings)
     with PeakMemory(target.device) as spec:
-        _spec(target, drafter, prompts, settings, device_generator(target, settings.seed + 1))
+        decode_speculative(target, drafter, prompts, settings, device_generator(target, settings.seed + 1))
     return spec, int(settings.block_size or drafter.spec.block_size)
 
 
