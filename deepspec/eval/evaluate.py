@@ -104,14 +104,14 @@ def decode_target_only(target, prompts, settings: DecodeSettings, generator) -> 
                                 generator=generator)
 
 
-def warm_up(target: FrozenTarget, drafter, settings: DecodeSettings) -> None:
-    """One short generation, so one-off costs do not land in the first timing: target-only decoding
-    when `drafter` is None, else speculative decoding with it."""
+def warm_up(target: FrozenTarget, drafter, settings: DecodeSettings, target_only: bool = True) -> None:
+    """One short generation of each decoder, so one-off costs do not land in the first timing
+    (target-only decoding unless target_only=False; speculative decoding when a drafter is given)."""
     prompt = encode_chat(target, [{"role": "user", "content": "Hello"}], settings.thinking)
     short = DecodeSettings(**{**settings.__dict__, "max_new_tokens": 4})
-    if drafter is None:
+    if target_only:
         decode_target_only(target, [prompt], short, device_generator(target, 0))
-    else:
+    if drafter is not None:
         decode_speculative(target, drafter, [prompt], short, device_generator(target, 0))
 
 

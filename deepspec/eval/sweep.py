@@ -69,7 +69,7 @@ def measure_memory(target: FrozenTarget, load_drafter: Callable[[], nn.Module], 
 
 def _spec_peak(target, drafter, prompts, settings: DecodeSettings, warmup: bool) -> tuple[PeakMemory, int]:
     if warmup:
-        warm_up(target, drafter, settings)
+        warm_up(target, drafter, settings, target_only=False)
     with PeakMemory(target.device) as spec:
         decode_speculative(target, drafter, prompts, settings, device_generator(target, settings.seed + 1))
     return spec, int(settings.block_size or drafter.spec.block_size)
