@@ -208,7 +208,7 @@ def _block_spec(config: dict, layout: str, src: Path):
                          f"pruned-vocabulary DSpark drafters are not supported by deepspec's DSpark")
     head_dim = int(layer.get("head_dim") or int(layer["hidden_size"]) // int(layer["num_attention_heads"]))
     kind = "dspark" if rank > 0 or config.get("enable_confidence_head") else "dflash"
-    if kind == "dspark" and rank > 0 and not _nonzero_markov(src):
+    if rank > 0 and not _nonzero_markov(src):  # rank > 0 means kind dspark
         rank = 0  # deepspec's DFlash written as DSpark: an all-zero rank-1 Markov head (exact no-op)
     spec = DrafterSpec(kind=kind, num_layers=int(layer["num_hidden_layers"]),
                        block_size=int(config.get("block_size") or config.get("dspark_block_size") or 7),
