@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="--vllm: timed rounds per engine, alternating")
     p.add_argument("--answers", type=int, default=4, help="--vllm: answers generated for the passes count")
     p.add_argument("--workdir", default="runs/features_vllm", help="--vllm: exported target, server log, files")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="--vllm: vLLM's KV block size (prefix caching reuses whole blocks; CPU default 128)")
     add_target_args(p)
     a = p.parse_args()
     if a.vllm:

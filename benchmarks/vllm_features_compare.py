@@ -19,6 +19,7 @@ answer through the chat template). Prints:
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 import uuid
@@ -95,9 +96,15 @@ def passes_per_answer(url, target, layers, questions: list[str], max_tokens: int
 
 def compare(a, sequences, layers: list[int]) -> None:
     torch.set_num_threads(a.threads or 1)
+    # one core each: vLLM would otherwise bind its worker's OpenMP threads to every core of a 2-core machine
+    # (with a KV connector it reserves none for itself here); unbound, it takes OMP_NUM_THREADS like torch here
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     work = Path(a.workdir).resolve()
     target_dir, _ = ec.ensure_target_dir(work)
-    print(f"torch threads: {torch.get_num_threads()}; both engines load {target_dir} in {a.dtype}")
+    print(f"torch threads: {torch.get_num_threads()} (vLLM: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
+          f"VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']}); both engines load {target_dir} "
+          f"in {a.dtype}")
     target = load_target(str(target_dir), name="smollm2-135m-instruct", device="cpu", dtype=a.dtype)
     ref = load_target(str(target_dir), name="smollm2-135m-instruct", device="cpu", dtype="float32")
     seqs = sequences(target.tokenizer, a.sequences)
@@ -106,7 +113,8 @@ def compare(a, sequences, layers: list[int]) -> None:
     del ref
     t0 = time.perf_counter()
     with local_server(target_dir, vllm_layer_ids(layers, target.num_layers), work / "hidden_states", dtype=a.dtype,
-                      max_model_len=2048, log=work / "vllm_server.log") as url:
+                      max_model_len=2048, log=work / "vllm_server.log",
+                      extra=["--block-size", str(a.block_size)] if a.block_size else ()) as url:
         print(f"vLLM server ready in {time.perf_counter() - t0:.0f} s (log {work / 'vllm_server.log'})")
         ex = VllmExtractor([url], target, layers, concurrency=8, cache_salt=None)
         ex(seqs[:1])

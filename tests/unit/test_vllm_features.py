@@ -209,3 +209,23 @@ def test_cli_features_source_vllm(target, fake, tmp_path):
     assert summary["engine"] == "vllm" and summary["vllm"]["requests"] == summary["sequences"] == 3
     (train,) = open_feature_splits(out, target, [0, 2], mode="cache", splits=("all",))
     assert len(train) == 3
+
+
+def test_plan_feature_stage_hours():
+    from transformers import LlamaConfig
+
+    from deepspec.plan import feature_stage, target_active_params
+    from tests.tiny import tiny_config
+
+    total, active = target_active_params(LlamaConfig(**tiny_config("llama")))
+    assert total == active > 0  # a dense target runs every parameter per token
+    stated = feature_stage(total, active, tokens=3_600_000, nodes=2, gpus_per_node=8, mfu=0.35, source="vllm",
+                           tokens_per_s=500.0)
+    assert stated["wall_hours"] == 3_600_000 / (500.0 * 2) / 3600 and stated["gpu_hours"] == stated["wall_hours"] * 16
+    estimated = feature_stage(total, active // 2, tokens=3_600_000, nodes=2, gpus_per_node=8, mfu=0.35,
+                              source="vllm", tokens_per_s=None)
+    assert estimated["throughput"] == "estimated" and estimated["tokens_per_s_per_server"] > 0
+    # half the active parameters: twice the estimated rate
+    again = feature_stage(total, active, tokens=3_600_000, nodes=2, gpus_per_node=8, mfu=0.35, source="vllm",
+                          tokens_per_s=None)
+    assert abs(estimated["tokens_per_s_per_server"] / again["tokens_per_s_per_server"] - 2) < 1e-3
