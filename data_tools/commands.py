@@ -111,8 +111,9 @@ def _feature_extractor(cfg, target, layer_ids: list[int]):
     if f.source != "vllm":
         yield None, "transformers"
         return
-    from data_tools.vllm_features import VllmExtractor, local_server, vllm_layer_ids
+    from data_tools.vllm_features import VllmExtractor, final_norm, local_server, vllm_layer_ids
 
+    final_norm(target)  # refuses a target vLLM cannot serve before any server starts
     if f.vllm_urls:
         yield VllmExtractor(list(f.vllm_urls), target, layer_ids, f.vllm_concurrency), "vllm"
         return

@@ -179,6 +179,24 @@ def read_hidden_states(path: str | Path, remove: bool = True) -> tuple[torch.Ten
     return hidden, ids, layers
 
 
+def final_norm(target) -> torch.nn.Module:
+    """The target's final norm, applied here to vLLM's last (pre-norm) hidden state; raises for targets
+    whose final state vLLM's aux states cannot give."""
+    if target.shapes.model_type == "deepseek_v4":
+        raise NotImplementedError(
+            f"target {target.name}: features.source=vllm cannot give DeepSeek-V4's final hidden state: vLLM's "
+            f"V4 model returns aux state k+1 as the mean of the 4 mHC streams after layer k (deepspec's tap k "
+            f"with stream_collapse=mean), but its final state goes through hc_head on the 4 streams, which "
+            f"a mean cannot be mapped back through, and p_t comes from it. Build the V4 cache with "
+            f"`deepspec data features` (transformers) or features.source=online/hybrid")
+    decoder = target.model.get_decoder() if hasattr(target.model, "get_decoder") else target.model
+    norm = getattr(decoder, "norm", None)
+    if norm is None:
+        raise ValueError(f"target {target.name}: no final norm (`model.norm`) to apply to vLLM's last hidden "
+                         f"state; features.source=vllm supports decoder models with a final `norm`")
+    return norm
+
+
 class VllmExtractor:
     """``extractor(sequences) -> [SequenceFeatures]`` through vLLM servers at ``urls`` (round robin,
     ``concurrency`` requests in flight); features in the target's dtype on its device, like
@@ -189,6 +207,7 @@ class VllmExtractor:
         if not urls:
             raise ValueError("features.source=vllm needs features.vllm_urls=[http://HOST:PORT, ...] (servers started "
                              "with launch/vllm_features.sh), or none in `deepspec data features` to start one here")
+        self.final_norm = final_norm(target)
         self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
         self.target, self.layer_ids = target, [int(k) for k in layer_ids]
         self.num_layers = target.num_layers
@@ -200,18 +219,6 @@ class VllmExtractor:
         self._next = itertools.cycle(self.urls)
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0}
-        if target.shapes.model_type == "deepseek_v4":
-            raise NotImplementedError(
-                f"target {target.name}: features.source=vllm cannot give DeepSeek-V4's final hidden state: vLLM's "
-                f"V4 model returns aux state k+1 as the mean of the 4 mHC streams after layer k (deepspec's tap k "
-                f"with stream_collapse=mean), but its final state goes through hc_head on the 4 streams, which "
-                f"a mean cannot be mapped back through, and p_t comes from it. Build the V4 cache with "
-                f"`deepspec data features` (transformers) or features.source=online/hybrid")
-        decoder = target.model.get_decoder() if hasattr(target.model, "get_decoder") else target.model
-        self.final_norm = getattr(decoder, "norm", None)
-        if self.final_norm is None:
-            raise ValueError(f"target {target.name}: no final norm (`model.norm`) to apply to vLLM's last hidden "
-                             f"state; features.source=vllm supports decoder models with a final `norm`")
 
     @staticmethod
     def _served_model(url: str) -> str:
@@ -268,7 +275,7 @@ class VllmExtractor:
         out = []
         for seq, (hidden_TND, ids) in zip(sequences, replies, strict=True):
             hidden_TND = hidden_TND.to(device=device, dtype=dtype)
-            final = self.final_norm(hidden_TND[:, self.final_row])
+            final = self.final_norm(hidden_TND[:, self.final_row])  # vLLM id L is pre-norm
             out.append(SequenceFeatures(ids.to(device), torch.tensor(seq.loss_mask, dtype=torch.bool, device=device),
                                         hidden_TND[:, self.tap_rows].clone(), final))
         return out

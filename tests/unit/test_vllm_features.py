@@ -30,7 +30,7 @@ from data_tools.cache import FeatureCache
 from data_tools.features import extract_features, open_feature_splits, write_feature_cache
 from data_tools.tokenize import load_sequences
 from data_tools.vllm_features import VllmExtractor, feature_rows, read_hidden_states, vllm_layer_ids
-from tests.tiny import chat_target, cli_overrides
+from tests.tiny import chat_target, cli_overrides, tiny_target
 from tests.unit.test_features import write_regenerated
 
 LAYERS = [2, 0]  # deliberately unsorted: vLLM's rows come back sorted
@@ -178,6 +178,9 @@ def test_server_with_other_layers_or_none_is_refused(target, tmp_path):
         VllmExtractor(["http://127.0.0.1:9"], target, LAYERS)
     with pytest.raises(ValueError, match="features.vllm_urls"):
         VllmExtractor([], target, LAYERS)
+    v4 = tiny_target("deepseek_v4")
+    with pytest.raises(NotImplementedError, match="hc_head"):  # before any server is contacted
+        VllmExtractor(["http://127.0.0.1:9"], v4, [1])
 
 
 def test_read_waits_for_the_writer_lock(tmp_path):
