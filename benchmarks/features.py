@@ -1,6 +1,8 @@
-"""Feature extraction throughput, cache bytes per token and storage round-trip error.
+"""Feature extraction throughput, cache bytes per token and storage round-trip error; with --vllm,
+vLLM's extraction beside `transformers` on the same token ids.
 
     python benchmarks/features.py --sequences 16 --batch-tokens 4096
+    DEEPSPEC_VLLM_VENV=/path/venv-vllm python benchmarks/features.py --vllm --dtype bfloat16 --sequences 16
 
 On SmolLM2-135M-Instruct (CPU) with the DSpark SmolLM2 taps, using GSM8K problems with
 their reference answers as conversations:
@@ -10,6 +12,11 @@ their reference answers as conversations:
    written for these sequences, and DeepSpec's published 6 + 2·d·(m+1) (bf16);
 3. round-trip error of each storage dtype on the real features: max over rows of
    max|x̂ - x| / max|x| (per token per layer) and the relative Frobenius error.
+
+--vllm (benchmarks/vllm_features_compare.py): both engines load the same HF directory (the target
+exported once) in --dtype, a local vLLM server runs deepspec's connector, and the script prints
+feature tokens/s of each (alternating rounds), the error between them against bf16's own error,
+and target passes per answer for regenerate-then-extract vs regenerate-and-extract on one server.
 """
 
 from __future__ import annotations
@@ -60,8 +67,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sequences", type=int, default=16)
     p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--vllm", action="store_true", help="compare with vLLM's extraction ($DEEPSPEC_VLLM_VENV)")
+    p.add_argument("--dtype", default="bfloat16", help="--vllm: dtype of both engines")
+    p.add_argument("--rounds", type=int, default=2, help="--vllm: timed rounds per engine, alternating")
+    p.add_argument("--answers", type=int, default=4, help="--vllm: answers generated for the passes count")
+    p.add_argument("--workdir", default="runs/features_vllm", help="--vllm: exported target, server log, files")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="--vllm: vLLM's KV block size (prefix caching reuses whole blocks; CPU default 128)")
     add_target_args(p)
     a = p.parse_args()
+    if a.vllm:
+        from vllm_features_compare import compare  # noqa: E402  (benchmarks/vllm_features_compare.py)
+
+        compare(a, sequences, LAYERS)
+        return
     target = load_cpu_target(a)
     seqs = sequences(target.tokenizer, a.sequences)
     tokens = sum(len(s.input_ids) for s in seqs)

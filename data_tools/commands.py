@@ -7,6 +7,7 @@ writes the returned dict as ``output_dir/summary.json``.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +81,63 @@ def regenerate(cfg) -> dict[str, Any]:
 def features(cfg) -> dict[str, Any]:
     """Write the target-feature cache of input=PATH (a regenerate folder) into output_dir: per token
     the id, loss mask, tapped layers (drafter.layer_ids) and final hidden state, stored as
-    features.dtype (fp32 | bf16 | fp16 | fp8) in shards of features.shard_tokens. Resumable."""
+    features.dtype (fp32 | bf16 | fp16 | fp8) in shards of features.shard_tokens. Resumable.
+    features.source=vllm: vLLM computes them, at features.vllm_urls or, when none are given, in a
+    server started here from $DEEPSPEC_VLLM_VENV (same cache either way)."""
     from data_tools.features import write_feature_cache
     from deepspec.targets import target_from_config
 
     target = target_from_config(cfg)
     f = cfg.features
-    summary = write_feature_cache(_input(cfg), target, _layer_ids(cfg, target.shapes), cfg.output_dir,
-                                  storage_dtype=f.dtype, max_seq_len=cfg.data.max_seq_len,
-                                  shard_tokens=f.shard_tokens, batch_tokens=f.batch_tokens)
-    shown = ("sequences", "tokens", "loss_tokens", "shards", "storage_dtype", "final_dtype",
+    layer_ids = target.check_layer_ids(_layer_ids(cfg, target.shapes))
+    with _feature_extractor(cfg, target, layer_ids) as (extractor, engine):
+        summary = write_feature_cache(_input(cfg), target, layer_ids, cfg.output_dir,
+                                      storage_dtype=f.dtype, max_seq_len=cfg.data.max_seq_len,
+                                      shard_tokens=f.shard_tokens, batch_tokens=f.batch_tokens,
+                                      extractor=extractor, engine=engine)
+        if extractor is not None:
+            summary["vllm"] = dict(extractor.stats, urls=extractor.urls)
+    shown = ("sequences", "tokens", "loss_tokens", "shards", "engine", "storage_dtype", "final_dtype",
              "bytes_per_token", "total_bytes", "tokens_per_s")
     print0(format_table([{k: summary[k] for k in shown}]))
     return summary
+
+
+@contextlib.contextmanager
+def _feature_extractor(cfg, target, layer_ids: list[int]):
+    """(extractor, engine name) for `features`: None with the resident target; a VllmExtractor for
+    features.source=vllm (at features.vllm_urls, or a local server for the length of the block)."""
+    f = cfg.features
+    if f.source != "vllm":
+        yield None, "transformers"
+        return
+    from data_tools.vllm_features import VllmExtractor, final_norm, local_server, vllm_layer_ids
+
+    final_norm(target)  # refuses a target vLLM cannot serve before any server starts
+    if f.vllm_urls:
+        yield VllmExtractor(list(f.vllm_urls), target, layer_ids, f.vllm_concurrency), "vllm"
+        return
+    work = Path(cfg.output_dir) / "vllm"
+    model_dir = _hf_dir_for_vllm(cfg, work / "target")
+    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(cfg.target.dtype)]
+    print0(f"[features] starting a vLLM server on {model_dir} ({dtype}); log {work / 'vllm_server.log'}")
+    with local_server(model_dir, vllm_layer_ids(layer_ids, target.num_layers), work / "hidden_states", dtype=dtype,
+                      max_model_len=cfg.data.max_seq_len + 1, log=work / "vllm_server.log") as url:
+        yield VllmExtractor([url], target, layer_ids, f.vllm_concurrency), "vllm"
+
+
+def _hf_dir_for_vllm(cfg, out: Path) -> Path:
+    """An HF directory vLLM can load for the recipe's target: target.source itself when it is one,
+    else the target exported once to ``out`` (GGUF and embedded targets)."""
+    source = Path(str(cfg.target.source))
+    if (source / "config.json").is_file():
+        return source
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        from deepspec.export.target import export_target
+
+        export_target(str(cfg.target.source), out, gguf_file=cfg.target.gguf_file,
+                      chat_template=cfg.target.chat_template)
+    return out
 
 
 def target_shapes(cfg):

@@ -16,6 +16,9 @@
   the same values. ``cache_dir`` keeps its shards across runs (same fingerprint). A shard
   is written every ``shard_tokens`` computed tokens and when every sequence is covered;
   call ``source.flush()`` at the end of an epoch to write the rest.
+- ``vllm``: as ``online`` (or ``hybrid`` when ``cache_dir`` is given), but vLLM servers at
+  ``vllm_urls`` compute the features (data_tools/vllm_features.py); the resident target
+  supplies the tokenizer, the identity and the final norm.
 
 Splits: conversations carry the split of their prompt (train / heldout). ``split=
 "heldout"`` returns the held-out sequences; when there are none, the last 5% (at least
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +171,14 @@ class CacheSource:
 
 
 class OnlineSource:
-    """Features computed by the resident target inside ``get_batch`` (no disk)."""
+    """Features computed inside ``get_batch`` (no disk): by the resident target, or by ``extractor``
+    (``extractor(sequences) -> [SequenceFeatures]``, e.g. a `VllmExtractor`) when given."""
 
     def __init__(self, sequences: list[ChatSequence], target, layer_ids: Sequence[int], max_seq_len: int,
-                 batch_tokens: int = 8192):
+                 batch_tokens: int = 8192, extractor: Callable | None = None):
         self.sequences, self.target, self.layer_ids = sequences, target, list(layer_ids)
         self.batch_tokens = batch_tokens
+        self.extractor = extractor
         self.splits = [s.split for s in sequences]
         self.identity = source_identity(target, layer_ids, None, max_seq_len)
 
@@ -181,8 +186,10 @@ class OnlineSource:
         return len(self.sequences)
 
     def get_batch(self, indices: list[int]) -> list[SequenceFeatures]:
-        return extract_features(self.target, self.layer_ids, [self.sequences[i] for i in indices],
-                                self.batch_tokens)
+        seqs = [self.sequences[i] for i in indices]
+        if self.extractor is not None:
+            return self.extractor(seqs)
+        return extract_features(self.target, self.layer_ids, seqs, self.batch_tokens)
 
     def supervised_tokens(self, indices: list[int]) -> list[torch.Tensor]:
         """Token ids under the loss mask, from the tokenized conversations (no target forward)."""
@@ -195,8 +202,8 @@ class HybridSource(OnlineSource):
 
     def __init__(self, sequences: list[ChatSequence], target, layer_ids: Sequence[int], max_seq_len: int,
                  cache_dir: str | Path, storage_dtype: str, input_digest: str, batch_tokens: int = 8192,
-                 shard_tokens: int = 262144):
-        super().__init__(sequences, target, layer_ids, max_seq_len, batch_tokens)
+                 shard_tokens: int = 262144, extractor: Callable | None = None):
+        super().__init__(sequences, target, layer_ids, max_seq_len, batch_tokens, extractor)
         self.dir = Path(cache_dir)
         self.dtype = check_dtype(storage_dtype)
         self.identity = source_identity(target, layer_ids, storage_dtype, max_seq_len)
@@ -248,21 +255,21 @@ class HybridSource(OnlineSource):
 def open_feature_source(input_path: str | Path, target, layer_ids: Sequence[int], mode: str,
                         split: str = "train", max_seq_len: int = 2048, cache_dir: str | Path | None = None,
                         storage_dtype: str = "bf16", batch_tokens: int = 8192, shard_tokens: int = 262144,
-                        verify: str = "lazy") -> FeatureSource:
+                        verify: str = "lazy", vllm_urls: Sequence[str] = (), vllm_concurrency: int = 8) -> FeatureSource:
     """The feature source the trainer reads (see the module docstring)."""
     (view,) = open_feature_splits(input_path, target, layer_ids, mode, (split,), max_seq_len, cache_dir,
-                                  storage_dtype, batch_tokens, shard_tokens, verify)
+                                  storage_dtype, batch_tokens, shard_tokens, verify, vllm_urls, vllm_concurrency)
     return view
 
 
 def open_feature_splits(input_path: str | Path, target, layer_ids: Sequence[int], mode: str,
                         splits: Sequence[str] = ("train", "heldout"), max_seq_len: int = 2048,
                         cache_dir: str | Path | None = None, storage_dtype: str = "bf16",
-                        batch_tokens: int = 8192, shard_tokens: int = 262144,
-                        verify: str = "lazy") -> tuple[SplitView, ...]:
+                        batch_tokens: int = 8192, shard_tokens: int = 262144, verify: str = "lazy",
+                        vllm_urls: Sequence[str] = (), vllm_concurrency: int = 8) -> tuple[SplitView, ...]:
     """One view per split over a single source (a hybrid source's splits share its cache_dir shards)."""
-    if mode not in ("cache", "online", "hybrid"):
-        raise ValueError(f"features.source={mode!r}; choose cache, online or hybrid")
+    if mode not in ("cache", "online", "hybrid", "vllm"):
+        raise ValueError(f"features.source={mode!r}; choose cache, online, hybrid or vllm")
     path = Path(input_path)
     if (path / MANIFEST).exists():
         expect = None
@@ -277,13 +284,18 @@ def open_feature_splits(input_path: str | Path, target, layer_ids: Sequence[int]
         raise ValueError(f"features.source={mode} needs the resident target (got target=None)")
     else:
         sequences, _, digest = load_sequences(path, target.tokenizer, max_seq_len)
-        if mode == "online":
-            source = OnlineSource(sequences, target, layer_ids, max_seq_len, batch_tokens)
+        extractor = None
+        if mode == "vllm":
+            from data_tools.vllm_features import VllmExtractor
+
+            extractor = VllmExtractor(vllm_urls, target, target.check_layer_ids(layer_ids), vllm_concurrency)
+        if mode == "online" or (mode == "vllm" and not cache_dir):
+            source = OnlineSource(sequences, target, layer_ids, max_seq_len, batch_tokens, extractor)
         elif not cache_dir:
             raise ValueError("features.source=hybrid needs features.cache_dir=PATH (where first-pass features go)")
         else:
             source = HybridSource(sequences, target, layer_ids, max_seq_len, cache_dir, storage_dtype, digest,
-                                  batch_tokens, shard_tokens)
+                                  batch_tokens, shard_tokens, extractor)
     return tuple(SplitView(source, split_indices(source.splits, split)) for split in splits)
 
 
@@ -302,11 +314,14 @@ def plan_shards(lengths: Sequence[int], shard_tokens: int) -> list[list[int]]:
 
 def write_feature_cache(input_path: str | Path, target, layer_ids: Sequence[int], output_dir: str | Path,
                         storage_dtype: str = "bf16", max_seq_len: int = 2048, shard_tokens: int = 262144,
-                        batch_tokens: int = 8192, progress: bool = True) -> dict[str, Any]:
+                        batch_tokens: int = 8192, progress: bool = True, extractor: Callable | None = None,
+                        engine: str = "transformers") -> dict[str, Any]:
     """Build (or resume) the feature cache of ``input_path`` in ``output_dir``; returns the summary.
 
     Shard k always holds the same sequences (planned from token counts), so a restarted
-    run keeps every shard recorded in ``features_state.json`` and recomputes the rest."""
+    run keeps every shard recorded in ``features_state.json`` and recomputes the rest.
+    ``extractor`` (``extractor(sequences) -> [SequenceFeatures]``) replaces the resident target's
+    forward (``engine`` names it in the manifest); the cache is the same either way."""
     t0 = time.perf_counter()
     check_dtype(storage_dtype)
     layer_ids = target.check_layer_ids(layer_ids)
@@ -342,7 +357,9 @@ def write_feature_cache(input_path: str | Path, target, layer_ids: Sequence[int]
             t1 = time.perf_counter()
             encoded = []
             for batch in _chunks(seq_ids, [len(sequences[i].input_ids) for i in seq_ids], 4 * batch_tokens):
-                feats = extract_features(target, layer_ids, [sequences[i] for i in batch], batch_tokens)
+                batch_seqs = [sequences[i] for i in batch]
+                feats = extractor(batch_seqs) if extractor else extract_features(target, layer_ids, batch_seqs,
+                                                                                 batch_tokens)
                 encoded += [EncodedSequence.from_features(f, storage_dtype) for f in feats]
                 bar.update(sum(len(sequences[i].input_ids) for i in batch))
             entry = write_shard(path, seq_ids, [sequences[i].split for i in seq_ids], encoded, storage_dtype)
@@ -358,11 +375,11 @@ def write_feature_cache(input_path: str | Path, target, layer_ids: Sequence[int]
     m = len(layer_ids)
     manifest = write_manifest(out, identity, fingerprint, entries, complete=True,
                               extra={"bytes_per_token": bytes_per_token(m, target.hidden_size, storage_dtype),
-                                     "dropped": dict(dropped)})
+                                     "dropped": dict(dropped), "engine": engine})
     shard_bytes = sum(e["bytes"] for e in entries)
     return {"sequences": manifest["sequences"], "tokens": manifest["tokens"],
             "loss_tokens": manifest["loss_tokens"], "splits": manifest["splits"], "dropped": dict(dropped),
-            "shards": len(entries), "resumed_shards": resumed, "storage_dtype": storage_dtype,
+            "shards": len(entries), "resumed_shards": resumed, "engine": engine, "storage_dtype": storage_dtype,
             "final_dtype": identity["final_dtype"],
             "layer_ids": layer_ids, "bytes_per_token": manifest["bytes_per_token"],
             "measured_bytes_per_token": round(shard_bytes / manifest["tokens"], 2),

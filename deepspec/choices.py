@@ -47,6 +47,7 @@ class FeatureMode(Choice):
     cache = "cache"  # `input` is a features cache written by `deepspec data features`
     online = "online"  # the resident target computes features for every batch
     hybrid = "hybrid"  # online in the first epoch, written to features.cache_dir, read back afterwards
+    vllm = "vllm"  # vLLM servers extract them (features.vllm_urls); with features.cache_dir, kept as in hybrid
 
 
 class StorageDtype(Choice):

@@ -127,6 +127,11 @@ class FeaturesConfig:
     shard_tokens: int = 262144  # tokens per cache shard
     batch_tokens: int = 8192  # tokens per target forward when extracting
     cache_dir: Optional[str] = None  # hybrid mode: where first-epoch features are written
+    # source=vllm: OpenAI-compatible vLLM servers started with deepspec's hidden-state connector
+    # (launch/vllm_features.sh); none in `deepspec data features` = start one from $DEEPSPEC_VLLM_VENV
+    vllm_urls: list[str] = field(default_factory=list)
+    vllm_concurrency: int = 8  # requests in flight across the servers
+    vllm_tokens_per_s: Optional[float] = None  # `deepspec plan`: feature tokens/s of one vLLM server (a node)
 
 
 @dataclass

@@ -19,6 +19,10 @@ parameters counted. Printed and returned (summary.json):
   of compute (at `plan.mfu` of an H100's bf16 peak) and ZeRO traffic (stage 3: all-gather the bf16
   weights for forward and backward + reduce-scatter the grads = 6 B/param; stages 0-2: all-reduce
   of the bf16 grads = 4 B/param) over `plan.interconnect_gbps` per GPU.
+- the feature stage (`feature_stage`): target prefill over `plan.tokens` on one extraction server per
+  node (features.source=vllm: launch/vllm_features.sbatch), at `features.vllm_tokens_per_s` per server
+  when stated (measured), else estimated as the node's bf16 peak x `plan.mfu` / (2 x the target's
+  active parameters per token: routed experts counted at top-k / n_routed).
 """
 
 from __future__ import annotations
@@ -52,6 +56,32 @@ def target_params(config) -> int:
 
     with torch.device("meta"):
         return count_params(AutoModelForCausalLM.from_config(config))
+
+
+def target_active_params(config) -> tuple[int, int]:
+    """(total, active per token) parameters of the target, built on the meta device; routed experts
+    (parameters under an `experts` module) count at num_experts_per_tok / n_routed_experts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = count_params(model)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    routed, top_k = getattr(config, "n_routed_experts", None), getattr(config, "num_experts_per_tok", None)
+    share = top_k / routed if routed and top_k else 1.0
+    return total, int(total - experts * (1 - share))
+
+
+def feature_stage(total_params: int, active_params: int, tokens: int, nodes: int, gpus_per_node: int,
+                  mfu: float, source: str, tokens_per_s: float | None) -> dict[str, Any]:
+    """Hours of the feature stage: one target prefill per token, one extraction server per node."""
+    estimated = tokens_per_s is None
+    per_server = tokens_per_s or gpus_per_node * H100_BF16_FLOPS * mfu / (2 * active_params)
+    hours = tokens / (per_server * nodes) / 3600
+    return {"source": source, "servers": nodes, "tokens_per_s_per_server": per_server,
+            "throughput": "estimated" if estimated else "stated (features.vllm_tokens_per_s)",
+            "target_params": total_params, "target_active_params": active_params,
+            "wall_hours": hours, "gpu_hours": hours * nodes * gpus_per_node}
 
 
 def cache_bytes_per_token(hidden: int, num_taps: int, dtype: str) -> int:
@@ -113,7 +143,7 @@ def flops_per_query_token(drafter: torch.nn.Module, spec: DrafterSpec, hidden: i
 def capacity_plan(spec: DrafterSpec, target_cfg, *, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
                   tokens: int, micro_batch: int, seq_len: int, vocab_chunk: int, features: str,
                   target_dtype: str, epochs: float, zero_stage: int = 3, mfu: float = 0.35,
-                  interconnect_gbps: float = 400.0) -> dict[str, Any]:
+                  interconnect_gbps: float = 400.0, extract_tokens_per_s: float | None = None) -> dict[str, Any]:
     """The plan for one drafter/target (see the module docstring); all sizes in bytes."""
     shapes: TargetShapes = shapes_from_hf_config(target_cfg)
     spec = resolve_spec(spec, shapes)
@@ -125,7 +155,7 @@ def capacity_plan(spec: DrafterSpec, target_cfg, *, nodes: int, gpus_per_node: i
     tied = bool(getattr(target_cfg, "tie_word_embeddings", False))
     shared = 2 * V * D * (1 if tied else 2)  # frozen embedding + LM head, bf16, on every GPU
     acts = activation_bytes(spec, getattr(drafter, "v4_config", None), D, V, micro_batch, seq_len, vocab_chunk)
-    t_params = target_params(target_cfg)
+    t_params, t_active = target_active_params(target_cfg)
     target_shard = {d: t_params * DTYPE_BYTES[d] // gpus_per_node for d in ("bf16", "fp8")}
     online = features in ("online", "hybrid")
     resident = target_shard["fp8" if target_dtype == "fp8" else "bf16"] if online else 0
@@ -159,6 +189,8 @@ def capacity_plan(spec: DrafterSpec, target_cfg, *, nodes: int, gpus_per_node: i
         "cost": {"epochs": epochs, "zero_stage": zero_stage, "mfu": mfu, "interconnect_gbps": interconnect_gbps,
                  "micro_steps_per_gpu": micro_steps, "compute_s_per_micro_step": compute_s,
                  "comm_s_per_micro_step": comm_s, "wall_hours": wall_h, "gpu_hours": wall_h * world},
+        "feature_stage": feature_stage(t_params, t_active, tokens, nodes, gpus_per_node, mfu, features,
+                                       extract_tokens_per_s),
     }
 
 
@@ -171,7 +203,8 @@ def plan_from_config(cfg: DictConfig) -> dict[str, Any]:
                          seq_len=cfg.data.max_seq_len, vocab_chunk=cfg.loss.vocab_chunk,
                          features=cfg.features.source, target_dtype=cfg.features.dtype, epochs=cfg.trainer.epochs,
                          zero_stage=cfg.deepspeed.zero_stage, mfu=p.mfu,
-                         interconnect_gbps=p.interconnect_gbps)
+                         interconnect_gbps=p.interconnect_gbps,
+                         extract_tokens_per_s=cfg.features.vllm_tokens_per_s)
 
 
 def report(plan: dict[str, Any], title: str = "") -> str:
@@ -199,6 +232,12 @@ def report(plan: dict[str, Any], title: str = "") -> str:
                  f"{c['comm_s_per_micro_step']:.2f} s ZeRO traffic at {c['interconnect_gbps']:.0f} Gb/s per "
                  f"micro-step)\nonline target shard per GPU: "
                  f"bf16 {gib(plan['online_target_shard_bytes']['bf16'])}, fp8 {gib(plan['online_target_shard_bytes']['fp8'])}")
+    f = plan["feature_stage"]
+    lines.append(f"feature stage (one vLLM extraction server per node, launch/vllm_features.sbatch): "
+                 f"{f['servers']} server(s) x {f['tokens_per_s_per_server']:,.0f} "
+                 f"tok/s ({f['throughput']}; target {f['target_active_params'] / 1e9:.1f} B active of "
+                 f"{f['target_params'] / 1e9:.1f} B params) = ~{f['wall_hours']:,.1f} h wall, "
+                 f"{f['gpu_hours']:,.0f} GPU-hours for {plan['tokens']:,} tokens (one target pass per token)")
     return "\n".join(lines)
 
 

@@ -9,9 +9,12 @@
 # 2. runs the engine tests (pytest -m engine tests/engine): vLLM's own config code reads each export
 #    as intended (model class, tapped layers, mask token), greedy output with each drafter vLLM's
 #    CPU backend runs equals target-only vLLM, and `deepspec data regenerate engine=openai` against
-#    `vllm serve` (row accounting, ordering, resume);
+#    `vllm serve` (row accounting, ordering, resume), and features.source=vllm (vLLM's layer numbering on
+#    SmolLM2, features equal to transformers', the cache `deepspec train` accepts);
 # 3. runs benchmarks/engine_acceptance.py: vLLM's mean acceptance length next to `deepspec eval`'s tau
 #    on the same prompts (trained drafters when --draft-* are given, untrained ones otherwise).
+# 4. runs benchmarks/features.py --vllm: vLLM's features against transformers' (bf16 both sides) and the
+#    feature tokens/s of each, side by side.
 # Results: runs/engine_check/acceptance.json (DEEPSPEC_ENGINE_WORKDIR). Takes ~20-40 min on 2 cores:
 # too slow for CI's budget, which is why CI does not run it.
 set -euo pipefail
@@ -31,3 +34,6 @@ t0=$(date +%s)
 "$PY" -m pytest -q -m engine tests/engine -rA
 echo "engine_check: engine tests took $(( $(date +%s) - t0 )) s"
 "$PY" benchmarks/engine_acceptance.py "$@"
+# vLLM as the feature source: equality with transformers (bf16 both sides) and feature tokens/s side by
+# side (the same run as scripts/vllm_features_check.sh; ends with max_rel_err=... vllm_tok_s=... hf_tok_s=...)
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" benchmarks/features.py --vllm --dtype bfloat16 --threads 1

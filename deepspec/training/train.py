@@ -54,12 +54,13 @@ def open_sources(cfg: DictConfig, target, layer_ids: list[int]):
     from deepspec.features import open_feature_splits
 
     cache_dir = cfg.features.cache_dir
-    if cache_dir and cfg.features.source == "hybrid" and world_size() > 1:
+    if cache_dir and cfg.features.source in ("hybrid", "vllm") and world_size() > 1:
         cache_dir = str(Path(cache_dir) / f"rank_{rank():05d}")  # ranks read different sequences: own shards
     train_source, heldout = open_feature_splits(
         cfg.input, target, layer_ids, mode=cfg.features.source, splits=("train", "heldout"),
         max_seq_len=cfg.data.max_seq_len, cache_dir=cache_dir, storage_dtype=cfg.features.dtype,
-        batch_tokens=cfg.features.batch_tokens, shard_tokens=cfg.features.shard_tokens)
+        batch_tokens=cfg.features.batch_tokens, shard_tokens=cfg.features.shard_tokens,
+        vllm_urls=list(cfg.features.vllm_urls), vllm_concurrency=cfg.features.vllm_concurrency)
     return train_source, heldout if len(heldout) else None
 
 
