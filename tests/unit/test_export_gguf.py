@@ -40,7 +40,8 @@ def importlib_has(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-needs_converter = pytest.mark.skipif(not have_converter(), reason="llama.cpp source not in DEEPSPEC_LLAMACPP_DIR")
+needs_converter = pytest.mark.skipif(
+    not have_converter(), reason="no llama.cpp source in DEEPSPEC_LLAMACPP_DIR, or no sentencepiece")
 
 
 def chat_drafter(tiny_target, kind: str, layer_ids=(0, 2), **kw):
@@ -48,7 +49,8 @@ def chat_drafter(tiny_target, kind: str, layer_ids=(0, 2), **kw):
     target = tiny_target("chat")
     block = kind != "eagle3"
     kw.setdefault("qk_norm", True if block else None)  # the configs' defaults
-    spec = DrafterSpec(kind=kind, num_layers=2 if block else 1, block_size=K, mask_token_id=4 if block else None,
+    spec = DrafterSpec(kind=kind, num_layers=2 if block else 1, block_size=K,
+                       mask_token_id=4 if block else None,
                        head="markov" if kind == "dspark" else "none", markov_rank=8,
                        confidence_head=kind == "dspark", layer_ids=list(layer_ids),
                        draft_vocab_size=512 if kind == "eagle3" else None, **kw)
@@ -59,7 +61,7 @@ def chat_drafter(tiny_target, kind: str, layer_ids=(0, 2), **kw):
 
 
 def test_block_drafters_default_to_qk_norm_for_the_engines():
-    """configs/drafter/{dspark,dflash}.yaml build Qwen3-style layers for a Llama target (SmolLM2, Qwen3-4B)."""
+    """configs/drafter/{dspark,dflash}.yaml build Qwen3-style layers whatever the target family."""
     for recipe in ("dspark_qwen3_4b", "dflash_qwen3_4b"):
         assert compose([f"recipe={recipe}"]).drafter.qk_norm is True
     assert compose(["recipe=eagle3_smollm2"]).drafter.qk_norm is None  # Eagle3 layers: none in every engine
