@@ -20,7 +20,7 @@ ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --engine) if [[ "${2:-}" != llamacpp ]]; then
-                echo "engine_check_llamacpp.sh: --engine ${2:-?}: this script serves llama.cpp only" >&2; exit 2
+                echo "engine_check_llamacpp.sh: --engine ${2:-?}: llama.cpp only" >&2; exit 2
               fi
               shift 2 ;;
     --gate) MODE=gate; shift ;;

@@ -1,4 +1,4 @@
-"""`deepspec export format=gguf`: a drafter as the GGUF llama.cpp serves, through llama.cpp's own converter.
+"""`deepspec export format=gguf`: a drafter as the GGUF llama.cpp serves, made by llama.cpp's converter.
 
     deepspec export draft=CKPT format=gguf output_dir=G
 
@@ -6,9 +6,9 @@ G/ holds the HF layout llama.cpp's `convert_hf_to_gguf.py` reads (`config.json` 
 `model.safetensors`: Qwen3DSparkModel for DFlash/DSpark, LlamaForCausalLMEagle3 for Eagle3, every
 convention written out: block_size, mask_token_id, target_layer_ids, markov_head_type,
 sample_from_anchor), `target_vocab/` (the target's config.json and tokenizer, which the converter
-takes the vocabulary from) and `draft.gguf`, converted by the pinned llama.cpp (deepspec/export/llamacpp.py).
+takes the vocabulary from) and `draft.gguf`, converted by the pinned llama.cpp (export/llamacpp.py).
 
-The GGUF is then read back with llama.cpp's `gguf` reader and every convention compared with the
+The GGUF is then read back with the `gguf` package's reader and every convention compared with the
 drafter's: the converter fills in silent defaults (block_size 16 when the key is missing), so a
 GGUF that would be misread is deleted and the export fails naming the key.
 """
