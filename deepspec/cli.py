@@ -27,6 +27,8 @@ COMMANDS: dict[tuple[str, Optional[str]], tuple[str, Optional[str], str]] = {
     ("eval", "profile"): ("deepspec.eval.profile:run", None, "measure SPS(B) of the target on this hardware"),
     ("eval", "calibrate"): ("deepspec.eval.calibrate:run", None, "fit STS temperatures of the confidence head"),
     ("export", None): ("deepspec.export.run:run", "dspark_smollm2", "write a drafter vLLM / SGLang / HF / V4 can load"),
+    ("import", None): ("deepspec.export.importers:run", "dspark_smollm2",
+                       "a released drafter (V4 mtp.*, DeepSpec HF, speculators) -> a deepspec checkpoint"),
     ("plan", None): ("deepspec.plan:run", None, "capacity plan: parameters, memory per GPU, cache size"),
     ("quickstart", None): ("deepspec.quickstart:run", "quickstart_smollm2",
                            "the whole pipeline on the embedded SmolLM2 target, on CPU"),
@@ -116,6 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if (cmd, sub) not in COMMANDS:
         print(f"deepspec: unknown command '{' '.join(w for w in (cmd, sub) if w)}'\n\n{_usage()}", file=sys.stderr)
         return 2
+    if cmd == "import" and overrides and "=" not in overrides[0]:
+        overrides = [f"input={overrides[0]}", *overrides[1:]]  # deepspec import SRC output_dir=C
     target, default_recipe, text = COMMANDS[(cmd, sub)]
     if help_:
         print(f"deepspec {cmd}{' ' + sub if sub else ''}: {text}\n")

@@ -176,13 +176,19 @@ class DeepSpeedConfig:
 class EvalConfig:
     """Speculative-decoding evaluation (deepspec/eval, deepspec/decoding)."""
 
-    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "mt-bench"])
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "mt-bench", "instruct"])
     max_prompts: int = 8
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 1
+    # concurrency sweep: target-only and speculative decoding at each of these batch sizes, on the same
+    # prompts ([] = eval.batch_size alone); summary.json benchmarks.<name>.sweep holds one row per size
+    batch_sizes: list[int] = field(default_factory=list)
+    # further drafters evaluated on the same prompts with the same settings: checkpoint / run directories,
+    # or `mtp` (a DeepSeek-V4 target's own MTP module as a one-token drafter)
+    baselines: list[str] = field(default_factory=list)
     # drafted tokens per round: an int, None = the drafter's block size, or "auto" = the gamma with the best
     # expected tokens per unit time from measured round costs and a short acceptance calibration pass
     block_size: Optional[Any] = None

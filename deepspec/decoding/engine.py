@@ -93,15 +93,17 @@ class Generation:
     tokens: list[list[int]]
     timings: Timings
     rounds: RoundLog = field(default_factory=RoundLog)
+    latency_s: list[float] = field(default_factory=list)  # per request: batch start -> its last token
 
 
 class _Stopper:
     """Collects generated tokens per request; a request stops at an EOS or at max_new_tokens."""
 
-    def __init__(self, batch_size: int, max_new_tokens: int, eos_ids: Sequence[int]):
+    def __init__(self, batch_size: int, max_new_tokens: int, eos_ids: Sequence[int], start: float = 0.0):
         self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
         self.active = [True] * batch_size
         self.max_new_tokens, self.eos = max_new_tokens, set(int(e) for e in eos_ids)
+        self.start, self.latency_s = start, [0.0] * batch_size
 
     def push(self, b: int, new_tokens: Sequence[int]) -> None:
         for tok in new_tokens:
@@ -110,6 +112,7 @@ class _Stopper:
             self.tokens[b].append(int(tok))
             if int(tok) in self.eos or len(self.tokens[b]) >= self.max_new_tokens:
                 self.active[b] = False
+                self.latency_s[b] = time.perf_counter() - self.start
 
     def any_active(self) -> bool:
         return any(self.active)
@@ -147,7 +150,7 @@ def generate_target_only(target: FrozenTarget, prompts: list[list[int]], max_new
     lengths_B = torch.tensor([len(p) for p in prompts], device=device)
     last_BD = out.final_BTD[torch.arange(len(prompts), device=device), lengths_B - 1]
     token_B = next_tokens(session.logits(last_BD), sampling, generator)
-    stop = _Stopper(len(prompts), max_new_tokens, eos_ids)
+    stop = _Stopper(len(prompts), max_new_tokens, eos_ids, start)
     for b, tok in enumerate(token_B.tolist()):
         stop.push(b, [tok])
     _sync(device)
@@ -163,7 +166,7 @@ def generate_target_only(target: FrozenTarget, prompts: list[list[int]], max_new
         timings.verify_s += time.perf_counter() - t0
         timings.steps += 1
     timings.total_s = time.perf_counter() - start
-    return Generation(tokens=stop.tokens, timings=timings)
+    return Generation(tokens=stop.tokens, timings=timings, latency_s=stop.latency_s)
 
 
 def _conf_logits(conf_BK: torch.Tensor | None) -> torch.Tensor | None:
@@ -248,7 +251,7 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
         ctx_ids_BT[b, :len(p)] = torch.tensor(p, device=device)
     state.extend(out.taps_BTMD, len_B, tokens_BT=ctx_ids_BT)
     anchor_pos_B = len_B.clone()
-    stop = _Stopper(B, max_new_tokens, eos_list)
+    stop = _Stopper(B, max_new_tokens, eos_list, start)
     for b, tok in enumerate(anchor_B.tolist()):
         stop.push(b, [tok])
     _sync(device)
@@ -320,4 +323,4 @@ def generate_speculative(target: FrozenTarget, drafter: torch.nn.Module, prompts
         timings.other_s += other_s
         timings.steps += 1
     timings.total_s = time.perf_counter() - start
-    return Generation(tokens=stop.tokens, timings=timings, rounds=log)
+    return Generation(tokens=stop.tokens, timings=timings, rounds=log, latency_s=stop.latency_s)

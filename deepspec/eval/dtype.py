@@ -33,6 +33,7 @@ def resolve_eval_dtype(setting: str, target_dtype: str, device: torch.device | s
     On a CPU `auto` picks bf16 only at batch 1: there speculative and target-only decoding give the
     same bf16 numbers bit for bit; at larger batches their padded KV caches differ and bf16
     rounding flips greedy tokens (measured: greedy match 0.50 at batch 8), so float32 is used.
+    A concurrency sweep passes its largest batch size: one dtype for every row.
     """
     if setting not in EVAL_DTYPES:
         raise ValueError(f"eval.target_dtype={setting!r}; choose one of {EVAL_DTYPES}")
@@ -48,7 +49,7 @@ def resolve_eval_dtype(setting: str, target_dtype: str, device: torch.device | s
     if device.type == "cpu":
         flags = cpu_bf16_flags(cpuinfo)
         if flags and batch_size > 1:
-            return "float32", (f"auto: this CPU has {'/'.join(flags)}, but at eval.batch_size={batch_size} bf16 "
+            return "float32", (f"auto: this CPU has {'/'.join(flags)}, but at batch size {batch_size} bf16 "
                                "is not bit-exact against target-only decoding; float32")
         if flags:
             return "bfloat16", f"auto: this CPU has {'/'.join(flags)} (fast bf16 matmuls)"

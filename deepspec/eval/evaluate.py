@@ -23,7 +23,14 @@ from deepspec.decoding.engine import (
 )
 from deepspec.decoding.sampling import SamplingParams
 from deepspec.eval.benchmarks import Benchmark
-from deepspec.eval.metrics import match_metrics, merge_logs, round_metrics, speed_metrics
+from deepspec.eval.metrics import (
+    distribution_check,
+    latency_metrics,
+    match_metrics,
+    merge_logs,
+    round_metrics,
+    speed_metrics,
+)
 from deepspec.targets.frozen import FrozenTarget
 
 
@@ -55,6 +62,9 @@ class BenchmarkRun:
     base_timings: Timings = field(default_factory=Timings)
     logs: list[RoundLog] = field(default_factory=list)
     conversations: int = 0
+    batch_size: int = 1
+    spec_latency_s: list[float] = field(default_factory=list)  # per request: batch start -> last token
+    base_latency_s: list[float] = field(default_factory=list)
 
     @property
     def rounds(self) -> RoundLog:
@@ -81,7 +91,7 @@ def device_generator(target: FrozenTarget, seed: int) -> torch.Generator:
     return torch.Generator(device=target.device).manual_seed(seed)
 
 
-def _spec(target, drafter, prompts, settings: DecodeSettings, generator) -> Generation:
+def decode_speculative(target, drafter, prompts, settings: DecodeSettings, generator) -> Generation:
     return generate_speculative(target, drafter, prompts, settings.max_new_tokens, settings.sampling,
                                 target.eos_token_ids, block_size=settings.block_size,
                                 confidence_threshold=settings.confidence_threshold, budget_fn=settings.budget_fn,
@@ -89,17 +99,20 @@ def _spec(target, drafter, prompts, settings: DecodeSettings, generator) -> Gene
                                 kernel=settings.kernel)
 
 
-def _base(target, prompts, settings: DecodeSettings, generator) -> Generation:
+def decode_target_only(target, prompts, settings: DecodeSettings, generator) -> Generation:
     return generate_target_only(target, prompts, settings.max_new_tokens, settings.sampling, target.eos_token_ids,
                                 generator=generator)
 
 
-def warm_up(target: FrozenTarget, drafter, settings: DecodeSettings) -> None:
-    """One short generation of each decoder, so one-off costs do not land in the first timing."""
+def warm_up(target: FrozenTarget, drafter, settings: DecodeSettings, target_only: bool = True) -> None:
+    """One short generation of each decoder, so one-off costs do not land in the first timing
+    (target-only decoding unless target_only=False; speculative decoding when a drafter is given)."""
     prompt = encode_chat(target, [{"role": "user", "content": "Hello"}], settings.thinking)
     short = DecodeSettings(**{**settings.__dict__, "max_new_tokens": 4})
-    _base(target, [prompt], short, device_generator(target, 0))
-    _spec(target, drafter, [prompt], short, device_generator(target, 0))
+    if target_only:
+        decode_target_only(target, [prompt], short, device_generator(target, 0))
+    if drafter is not None:
+        decode_speculative(target, drafter, [prompt], short, device_generator(target, 0))
 
 
 def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: DecodeSettings,
@@ -112,10 +125,12 @@ def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: Dec
     from tqdm.auto import tqdm
 
     K = int(settings.block_size or drafter.spec.block_size)
-    result = BenchmarkRun(name=bench.name, block_size=K, conversations=len(bench.conversations))
+    result = BenchmarkRun(name=bench.name, block_size=K, conversations=len(bench.conversations),
+                          batch_size=settings.batch_size)
     g_base = device_generator(target, settings.seed)
     g_spec = device_generator(target, settings.seed + 1)
-    bar = tqdm(total=bench.num_turns, desc=f"eval {bench.name}", unit="prompt", disable=not progress)
+    bar = tqdm(total=bench.num_turns, desc=f"eval {bench.name} batch {settings.batch_size}", unit="prompt",
+               disable=not progress)
     convs = bench.conversations
     batch_index = 0
     for start in range(0, len(convs), settings.batch_size):
@@ -127,21 +142,23 @@ def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: Dec
                 history[i].append({"role": "user", "content": batch[i][turn]})
             prompts = [encode_chat(target, history[i], settings.thinking) for i in rows]
             if not baseline:
-                spec = _spec(target, drafter, prompts, settings, g_spec)
+                spec = decode_speculative(target, drafter, prompts, settings, g_spec)
                 base = spec
             elif batch_index % 2 == 0:
-                base = _base(target, prompts, settings, g_base)
-                spec = _spec(target, drafter, prompts, settings, g_spec)
+                base = decode_target_only(target, prompts, settings, g_base)
+                spec = decode_speculative(target, drafter, prompts, settings, g_spec)
             else:
-                spec = _spec(target, drafter, prompts, settings, g_spec)
-                base = _base(target, prompts, settings, g_base)
+                spec = decode_speculative(target, drafter, prompts, settings, g_spec)
+                base = decode_target_only(target, prompts, settings, g_base)
             batch_index += 1
             result.spec_tokens.extend(spec.tokens)
             result.spec_timings.add(spec.timings)
+            result.spec_latency_s.extend(spec.latency_s)
             result.logs.append(spec.rounds)
             if baseline:
                 result.base_tokens.extend(base.tokens)
                 result.base_timings.add(base.timings)
+                result.base_latency_s.extend(base.latency_s)
             for i, tokens in zip(rows, base.tokens, strict=True):
                 history[i].append({"role": "assistant", "content": answer_text(target, tokens)})
             bar.update(len(rows))
@@ -150,15 +167,36 @@ def run_benchmark(target: FrozenTarget, drafter, bench: Benchmark, settings: Dec
 
 
 def summarise(run: BenchmarkRun, sampling: SamplingParams) -> dict:
-    """The per-benchmark block of summary.json."""
+    """The per-benchmark block of summary.json (one batch size)."""
     spec_n = sum(len(t) for t in run.spec_tokens)
     base_n = sum(len(t) for t in run.base_tokens)
-    out = {"prompts": len(run.base_tokens), "conversations": run.conversations, "block_size": run.block_size}
+    out = {"prompts": len(run.base_tokens), "conversations": run.conversations, "block_size": run.block_size,
+           "batch_size": run.batch_size}
     out.update(round_metrics(run.rounds, run.block_size))
     out.update(speed_metrics(run.spec_timings, spec_n, run.base_timings, base_n))
+    out.update(latency_metrics(run.spec_latency_s, run.spec_tokens, run.spec_timings.total_s))
+    out.update(latency_metrics(run.base_latency_s, run.base_tokens, run.base_timings.total_s, prefix="target_"))
     match = match_metrics(run.spec_tokens, run.base_tokens)
     if sampling.greedy:
         out.update(match)
-    else:  # sampled outputs differ by design; losslessness is a distribution property (tests)
+        out["consistency"] = {"check": "greedy match", "greedy_match": match["greedy_match"]}
+    else:  # sampled outputs differ draw by draw; compare their token distributions instead
         out.update({"greedy_match": None, "token_match_rate": None, "mismatches": []})
+        out["consistency"] = {"check": "distribution", **distribution_check(run.spec_tokens, run.base_tokens)}
     return out
+
+
+SWEEP_KEYS = ("speedup", "tau", "tok_s_per_request", "tok_s_total", "latency_p50_ms", "latency_p95_ms",
+              "ms_per_token_p50", "ms_per_token_p95", "target_tok_s_per_request", "target_tok_s_total",
+              "target_latency_p50_ms", "target_latency_p95_ms", "target_ms_per_token_p50",
+              "target_ms_per_token_p95", "greedy_match", "prompts")
+
+
+def sweep_row(summary: dict, target_dtype: str) -> dict:
+    """One row of benchmarks.<name>.sweep: the figures a concurrency comparison needs."""
+    row = {"batch_size": summary["batch_size"], **{k: summary.get(k) for k in SWEEP_KEYS},
+           "target_dtype": target_dtype}
+    cons = summary.get("consistency") or {}
+    if cons.get("check") == "distribution":
+        row["distribution_p_value"] = cons.get("p_value")
+    return row

@@ -8,7 +8,12 @@
 - verify rate: drafts verified per round (and target tokens per verify pass, anchor included);
 - tokens/s of speculative and target-only decoding measured in the same run, and their ratio;
 - greedy match: fraction of prompts whose speculative output equals the target-only output
-  token for token, and the fraction of target-only tokens reproduced before the first divergence.
+  token for token, and the fraction of target-only tokens reproduced before the first divergence;
+- under sampling, a distribution check instead: outputs differ draw by draw, but speculative
+  decoding must emit tokens from the target's distribution, so the token frequencies of both
+  decoders on the same prompts are compared (chi-square test of homogeneity, total variation);
+- per request latency (a batch's requests start together; a request's latency ends at its last
+  token): P50 / P95 end to end and per output token, tokens/s per request and in total.
 """
 
 from __future__ import annotations
@@ -115,3 +120,54 @@ def merge_logs(logs: Sequence[RoundLog]) -> RoundLog:
         out.times_ms.extend(log.times_ms)
         offset += (max(log.request) + 1) if log.request else 0
     return out
+
+
+def _quantile_ms(values_s: Sequence[float], q: float) -> float | None:
+    if not values_s:
+        return None
+    return 1e3 * float(torch.tensor(list(values_s), dtype=torch.double).quantile(q))
+
+
+def latency_metrics(latency_s: Sequence[float], tokens: Sequence[Sequence[int]], total_s: float,
+                    prefix: str = "") -> dict:
+    """Per-request latency percentiles and tokens/s per request and in total, keys prefixed."""
+    n_tokens = [len(t) for t in tokens]
+    per_token = [lat / n for lat, n in zip(latency_s, n_tokens, strict=True) if n > 0]
+    rates = [n / lat for lat, n in zip(latency_s, n_tokens, strict=True) if lat > 0]
+    return {f"{prefix}tok_s_per_request": sum(rates) / len(rates) if rates else None,
+            f"{prefix}tok_s_total": sum(n_tokens) / total_s if total_s > 0 else None,
+            f"{prefix}latency_p50_ms": _quantile_ms(latency_s, 0.5),
+            f"{prefix}latency_p95_ms": _quantile_ms(latency_s, 0.95),
+            f"{prefix}ms_per_token_p50": _quantile_ms(per_token, 0.5),
+            f"{prefix}ms_per_token_p95": _quantile_ms(per_token, 0.95)}
+
+
+def distribution_check(spec_tokens: list[list[int]], base_tokens: list[list[int]], min_count: int = 10) -> dict:
+    """Do speculative and target-only decoding emit tokens with the same frequencies? (sampling)
+
+    A chi-square test of homogeneity on the 2 x V table of token counts; tokens seen fewer than
+    `min_count` times in both outputs together are pooled into one bin (the test needs expected
+    counts that are not tiny). p_value near 0 says the two decoders' outputs differ in distribution
+    (a lossy verifier); a lossless one gives p-values spread over (0, 1]. tv_distance is half the L1
+    distance of the two frequency vectors (sampling noise keeps it above 0 on a few prompts).
+    """
+    spec = torch.tensor([t for row in spec_tokens for t in row], dtype=torch.long)
+    base = torch.tensor([t for row in base_tokens for t in row], dtype=torch.long)
+    if spec.numel() == 0 or base.numel() == 0:
+        return {"test": "chi-square homogeneity of token frequencies", "p_value": None, "tv_distance": None,
+                "tokens": [int(spec.numel()), int(base.numel())]}
+    V = int(max(spec.max(), base.max())) + 1
+    counts = torch.stack([torch.bincount(spec, minlength=V), torch.bincount(base, minlength=V)]).double()
+    total = counts.sum(0)
+    keep = total >= min_count
+    table = torch.cat([counts[:, keep], counts[:, ~keep & (total > 0)].sum(1, keepdim=True)], dim=1)
+    table = table[:, table.sum(0) > 0]
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    stat = float(((table - expected) ** 2 / expected).sum())
+    dof = max(table.shape[1] - 1, 1)
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double),
+                                            torch.tensor(stat / 2, dtype=torch.double)))
+    freq = counts / counts.sum(1, keepdim=True)
+    return {"test": "chi-square homogeneity of token frequencies", "statistic": stat, "dof": dof,
+            "p_value": p_value, "tv_distance": float(0.5 * (freq[0] - freq[1]).abs().sum()),
+            "tokens": [int(spec.numel()), int(base.numel())]}

@@ -131,8 +131,23 @@ def decode_settings(ev, budget_fn: BudgetFn | None, sts: torch.Tensor | None) ->
                           thinking=bool(ev.thinking))
 
 
-def eval_target(cfg):
-    """The target in the eval dtype (`eval.target_dtype`): (target, dtype name, why that dtype)."""
+def parse_batch_sizes(batch_sizes, batch_size: int) -> list[int]:
+    """eval.batch_sizes (the concurrency sweep; [] = eval.batch_size alone): positive, no repeats."""
+    sizes = [int(b) for b in batch_sizes] if batch_sizes else [int(batch_size)]
+    bad = [b for b in sizes if b < 1]
+    if bad or len(set(sizes)) != len(sizes):
+        raise ValueError(f"eval.batch_sizes={list(batch_sizes)}: give distinct batch sizes of 1 or more, "
+                         f"e.g. eval.batch_sizes=[1,2,4,8]")
+    return sizes
+
+
+def eval_target(cfg, batch_size: int | None = None):
+    """The target in the eval dtype (`eval.target_dtype`): (target, dtype name, why that dtype).
+
+    One dtype for the whole run: `auto` is resolved for the largest batch size evaluated
+    (`batch_size`, default eval.batch_size), so every row of a concurrency sweep decodes in the
+    same dtype and stays bit-exact against target-only decoding.
+    """
     from omegaconf import OmegaConf
 
     from deepspec.eval.dtype import resolve_eval_dtype
@@ -141,7 +156,7 @@ def eval_target(cfg):
 
     device = "cpu" if cfg.target.device_map else pick_device(cfg.target.device)
     dtype, why = resolve_eval_dtype(cfg.eval.target_dtype, cfg.target.dtype, device,
-                                   batch_size=int(cfg.eval.batch_size))
+                                   batch_size=int(batch_size or cfg.eval.batch_size))
     if dtype != cfg.target.dtype:
         cfg = OmegaConf.merge(cfg, {"target": {"dtype": dtype}})
     target = target_from_config(cfg)

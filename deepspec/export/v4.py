@@ -57,6 +57,9 @@ DEEPSPEC_FILE = "deepspec_v4.json"
 DSPARK_CONFIG_FILE = "dspark_config.json"
 NO_SINK = -1e30  # an attention-sink logit that contributes exactly nothing
 FP32_KEYS = re.compile(r"(hc_\w+_(fn|base|scale)|hc_head_\w+|attn_sink|gate\.bias|confidence_head\.proj\.\w+)$")
+# the deepspec parameters stored as FP32_KEYS: kept in float32 by `import_v4` so a round trip is exact
+FP32_PARAMS = re.compile(r"((attn|ffn)_hc\.(fn|base|scale)|mlp\.gate\.e_score_correction_bias|^norm\.hc_\w+|"
+                         r"^confidence\.proj\.\w+)$")
 
 # per-layer deepspec suffix -> V4 suffix (everything except the experts)
 LAYER_NAMES = {
@@ -287,6 +290,9 @@ def import_v4(directory, map_location: str = "cpu") -> tuple[nn.Module, list[str
     for v in state.values():
         by_dtype[v.dtype] = by_dtype.get(v.dtype, 0) + v.numel()
     drafter = drafter.to(max(by_dtype, key=by_dtype.get)).to_empty(device=map_location)
+    for name, t in [*drafter.named_parameters(), *drafter.named_buffers()]:
+        if FP32_PARAMS.search(name) and t.is_floating_point():
+            t.data = t.data.float()  # V4 stores these in float32
     notes = from_v4_state(drafter, state)  # fills every parameter and buffer (strict)
     return drafter, notes
 

@@ -2,7 +2,10 @@
 
 Each row is one conversation: `turns` holds the user messages in order (mt-bench has two).
 Shipped: gsm8k, math500, humaneval, mbpp, mt-bench, aime24 (MIT, from DeepSpec's eval set;
-see LICENSE.DeepSpec beside them).
+see LICENSE.DeepSpec beside them) and instruct (64 general instruction-following prompts with
+formatting constraints, IFEval-style, written for deepspec; Apache-2.0, see LICENSE.instruct).
+Kinds, so a report can say which kind of request a figure is for: maths (gsm8k, math500,
+aime24), code (humaneval, mbpp), chat (mt-bench, instruct).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SHIPPED_DIR = Path(__file__).resolve().parent
+KINDS = {"gsm8k": "maths", "math500": "maths", "aime24": "maths", "humaneval": "code", "mbpp": "code",
+         "mt-bench": "chat", "instruct": "chat"}
 
 
 @dataclass
