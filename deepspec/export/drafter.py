@@ -28,7 +28,7 @@ from deepspec.export.layouts import UNMAPPED_PREFIX, deepspec_block, deepspec_st
 from deepspec.targets.shapes import TargetShapes
 
 ENGINE_WEIGHTS = "model.safetensors"
-FORMATS = ("vllm", "sglang", "hf")
+FORMATS = ("vllm", "sglang", "hf", "llamacpp")  # llamacpp: the HF layout the GGUF converter reads
 SGLANG_ALGORITHM = {"eagle3": "EAGLE3", "dspark": "DSPARK", "dflash": "DFLASH"}
 
 

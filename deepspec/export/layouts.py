@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from deepspec.choices import BlockLayout
 from deepspec.drafters.registry import kind_entry
 from deepspec.export.conventions import (
+    TOP_LEVEL_EAGLE3_IDS,
     from_engine_ids,
     layer_id_field,
     sorted_taps,
@@ -104,9 +105,10 @@ def eagle3_layout(drafter: nn.Module, engine: str, dtype: str) -> EngineExport:
               **_common_config(spec, shapes, dtype),
               "draft_vocab_size": spec.draft_vocab_size or shapes.vocab_size,
               "eagle_config": {"eagle_aux_hidden_state_layer_ids": ids, "use_aux_hidden_state": True}}
-    if engine == "vllm":
+    if engine in TOP_LEVEL_EAGLE3_IDS:
         # vLLM's V2 model runner (GPU) reads only the top-level field (v1/worker/gpu/spec_decode/eagle/
         # eagle3_utils.py:106-135) and otherwise falls back to its default taps; V1 reads it first too.
+        # llama.cpp's converter reads only the top-level field too (conversion/llama.py), else [2, L//2, L-3].
         config["eagle_aux_hidden_state_layer_ids"] = ids
     tensors: dict[str, Tensor] = {}
     for name, t in drafter.state_dict().items():

@@ -3,6 +3,7 @@
     deepspec export recipe=R draft=CKPT format=vllm|sglang|hf output_dir=X   # a trained drafter
     deepspec export recipe=R draft=CKPT format=v4 output_dir=X               # DeepSeek-V4 mtp.* layout
     deepspec export recipe=R format=hf-target output_dir=X                   # the recipe's target as an HF dir
+    deepspec export draft=CKPT format=gguf output_dir=G   # G/draft.gguf (llama.cpp) + the HF layout beside it
 
 X/config.json carries the engine's architecture and fields; X/summary.json lists the files
 written, the layer ids in deepspec's and the engine's convention, and every warning.
@@ -16,11 +17,11 @@ from pathlib import Path
 from deepspec.drafters.registry import kind_entry
 from deepspec.runs import clear_folder, format_table, print0, run_started
 
-EXPORT_FORMATS = ("vllm", "sglang", "hf", "v4", "hf-target")
+EXPORT_FORMATS = ("vllm", "sglang", "hf", "v4", "hf-target", "gguf")
 
 
 def run(cfg) -> dict:
-    """Export the drafter at draft=PATH as format=vllm|sglang|hf|v4, or the target as format=hf-target.
+    """Export the drafter at draft=PATH as format=vllm|sglang|hf|v4|gguf, or the target as format=hf-target.
 
     The key check (export.check=true) refuses a drafter export the engine would refuse or silently
     misread, naming the keys; export.dtype sets the weights' dtype (bfloat16 by default).
@@ -58,6 +59,15 @@ def run(cfg) -> dict:
         from deepspec.export.v4 import export_v4
 
         summary = export_v4(drafter, cfg.output_dir, dtype=getattr(torch, cfg.export.dtype))
+    elif fmt == "gguf":
+        from deepspec.export.gguf import export_gguf
+
+        recorded, where = _recorded_config(cfg, draft_dir)
+        t = recorded.target
+        summary = export_gguf(drafter, cfg.output_dir, t.source, t.gguf_file, dtype=cfg.export.dtype,
+                              check=cfg.export.check, sts_temperatures=find_sts(draft_dir),
+                              chat_template=t.chat_template)
+        target_note = f"{t.name} (from {where}): vocabulary for the converter"
     else:
         summary = export_drafter(drafter, fmt, cfg.output_dir, dtype=cfg.export.dtype, check=cfg.export.check,
                                  sts_temperatures=find_sts(draft_dir), dflash_layout=cfg.export.dflash_layout)
@@ -77,19 +87,24 @@ def _start(cfg) -> None:
     run_started()
 
 
-def _attach_target(cfg, drafter, draft_dir) -> str:
-    """Load the target the drafter was trained against (the training run's recorded config when
-    present, else the recipe's) and attach it; refuse a target of other shapes."""
+def _recorded_config(cfg, draft_dir):
+    """(config, where): the training run's recorded config.yaml when it names a target, else the recipe's."""
     from omegaconf import OmegaConf
 
-    from deepspec.targets import target_from_config
-
     recorded = draft_dir.parent.parent / "config.yaml"
-    source_cfg, where = cfg, "the recipe"
     if recorded.is_file():
         run_cfg = OmegaConf.load(recorded)
         if "target" in run_cfg:
-            source_cfg, where = run_cfg, str(recorded)
+            return run_cfg, str(recorded)
+    return cfg, "the recipe"
+
+
+def _attach_target(cfg, drafter, draft_dir) -> str:
+    """Load the target the drafter was trained against (the training run's recorded config when
+    present, else the recipe's) and attach it; refuse a target of other shapes."""
+    from deepspec.targets import target_from_config
+
+    source_cfg, where = _recorded_config(cfg, draft_dir)
     target = target_from_config(source_cfg, need_tokenizer=False)
     from deepspec.drafters.io import check_target
 
