@@ -193,7 +193,7 @@ def gate_conversation(out: Path, max_new: int) -> tuple[list[int], Path]:
         with torch.no_grad():
             ids = target.model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)
         answer = answer_text(target, ids[0, len(prompt):].tolist())
-        row = {"index": 0, "id": "gate:gsm8k:0", "split": "train", "source": "gate", "status": "ok",
+        row = {"index": 0, "id": "gate:gsm8k:0", "split": "train", "source": "gate", "status": "success",
                "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
         data.mkdir(exist_ok=True)
         (data / "regenerated.jsonl").write_text(json.dumps(row) + "\n")

@@ -101,3 +101,18 @@ def test_disk_full_is_a_message_naming_the_file(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "No space left on device" in err and "shard-00000" in err and "larger disk" in err
     assert "Traceback" not in err
+
+
+def test_training_input_without_a_trainable_row_says_why(tmp_path, capsys):
+    """A regenerate output whose rows all carry another status (here "ok") gives an error naming the
+    input and what a trainable row needs, not a held-out sizing error from deeper in the trainer."""
+    R = tmp_path / "R"
+    R.mkdir()
+    (R / "regenerated.jsonl").write_text(json.dumps(
+        {"index": 0, "id": "r", "split": "train", "status": "ok",
+         "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b c"}]}) + "\n")
+    assert main(["train", "recipe=dspark_smollm2", f"input={R}", f"output_dir={tmp_path / 'o'}",
+                 "drafter.layer_ids=[1]", "trainer.max_steps=1", *TINY_TARGET]) == 1
+    err = capsys.readouterr().err
+    assert f"input={R}: no trainable training sequence" in err and "status success or truncated" in err
+    assert "Traceback" not in err
