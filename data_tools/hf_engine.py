@@ -165,24 +165,26 @@ class HFEngine:
             if not prompts:
                 break
             outputs = self.generate(list(prompts.values()), seed_key=min(prompts))
-            for i, (text, n_new, finish) in zip(prompts, outputs, strict=True):
+            for i, (text, n_new, finish, ids) in zip(prompts, outputs, strict=True):
                 history[i] = history[i] + [{"role": "assistant", "content": text}]
                 results[i].new_tokens += n_new
                 results[i].finish_reasons.append(finish)
+                results[i].token_ids.append(ids)
             turn += 1
         for i, res in results.items():
             if res.status == "success":
                 res.messages = history[i]
         return [results[r.index] for r in rows]
 
-    def generate(self, prompts: list[list[int]], seed_key: int = 0) -> list[tuple[str, int, str]]:
-        """Answer each of ``prompts`` (token ids): (text, new tokens incl. EOS, stop|length) per prompt."""
+    def generate(self, prompts: list[list[int]], seed_key: int = 0) -> list[tuple[str, int, str, list[int]]]:
+        """Answer each of ``prompts`` (token ids): (text, new tokens incl. EOS, stop|length, the answer's
+        token ids without the EOS) per prompt."""
         tokens_BN, lengths_B, stopped_B = self.decode(prompts, seed_key)
         results = []
         for row, n, stop in zip(tokens_BN.tolist(), lengths_B.tolist(), stopped_B.tolist(), strict=True):
             kept = row[:n - 1] if stop else row[:n]
             text = self.target.tokenizer.decode(kept, skip_special_tokens=True)
-            results.append((text, n, "stop" if stop else "length"))
+            results.append((text, n, "stop" if stop else "length", kept))
         return results
 
     @torch.no_grad()

@@ -114,6 +114,9 @@ class RowResult:
     new_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)  # per regenerated turn: stop | length
     turns_dropped: int = 0
+    # per regenerated turn: the token ids the target generated (end-of-turn token excluded), where the
+    # engine knows them; training uses them instead of re-tokenizing the answer's text (data_tools.tokenize)
+    token_ids: list[list[int]] = field(default_factory=list)
 
 
 class Engine(Protocol):
@@ -239,6 +242,8 @@ def output_row(row: InputRow, result: RowResult, regen_meta: dict[str, Any]) -> 
     meta = dict(row.meta)
     meta["regen"] = dict(regen_meta, new_tokens=result.new_tokens, finish_reasons=result.finish_reasons,
                          turns_dropped=result.turns_dropped)
+    if result.token_ids and result.status == "success":
+        meta["regen"]["answer_token_ids"] = result.token_ids
     status = result.status
     if status == "success" and "length" in result.finish_reasons:
         status = "truncated"

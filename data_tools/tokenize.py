@@ -17,13 +17,20 @@ token at or after ``end`` when it is a special token (the end-of-turn token:
 ``<|im_end|>``, ``<|eot_id|>``, ...) -- except after a turn the target did not finish (a
 regenerated turn cut at the length limit: the template closes it, the target never chose to).
 The newline a template puts after the end-of-turn token, and every role header, stay unsupervised.
+
+Token ids are the truth where the regeneration engine recorded them (``meta.regen.answer_token_ids``,
+one list per regenerated assistant turn): a target often emits a non-canonical split (" Jan" "et"
+where its tokenizer writes " Janet"), and re-tokenizing the answer's text would train the drafter on
+a sequence the target never produced -- one token off from there on. A turn's recorded ids replace
+the tokens of its content span when they decode to the same text; otherwise (a template that
+rewrites the content, ids that do not match) the text's tokens are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +73,13 @@ def _content_span(text: str, content: str, start: int) -> tuple[int, int] | None
 
 
 def tokenize_chat(tokenizer, messages: list[dict[str, Any]], enable_thinking: bool | None = None,
-                  max_len: int | None = None, cut_turns: Collection[int] = ()) -> TokenizedChat:
+                  max_len: int | None = None, cut_turns: Collection[int] = (),
+                  turn_ids: Sequence[Sequence[int] | None] = ()) -> TokenizedChat:
     """Token ids, loss mask and assistant spans of a conversation (see the module docstring).
 
     ``cut_turns``: ordinals (0 = first assistant message) of turns cut at the length limit; their
-    end-of-turn token is not supervised.
+    end-of-turn token is not supervised. ``turn_ids``: per assistant ordinal, the ids the target
+    generated for that turn's content (None or missing: tokenize the text).
 
     Raises ValueError naming the turn when an assistant message cannot be located in the
     rendered text (a template that rewrites content)."""
@@ -81,6 +90,7 @@ def tokenize_chat(tokenizer, messages: list[dict[str, Any]], enable_thinking: bo
     special = set(tokenizer.all_special_ids)
     mask = [False] * len(ids)
     spans: list[tuple[int, int]] = []
+    splices: list[tuple[int, int, list[int]]] = []  # (token start, end, the target's own ids)
     cursor = 0
     assistant_turn = -1
     for i, m in enumerate(messages):
@@ -106,6 +116,17 @@ def tokenize_chat(tokenizer, messages: list[dict[str, Any]], enable_thinking: bo
             mask[k] = True
         if tok:
             spans.append((tok[0], tok[-1] + 1))
+            content_tok = [k for k in tok if k != after]
+            given = turn_ids[assistant_turn] if assistant_turn < len(turn_ids) else None
+            if given and content_tok and content_tok == list(range(content_tok[0], content_tok[-1] + 1)) \
+                    and tokenizer.decode(list(given)) == tokenizer.decode(ids[content_tok[0]:content_tok[-1] + 1]):
+                splices.append((content_tok[0], content_tok[-1] + 1, [int(t) for t in given]))
+    for a, b, new in reversed(splices):  # right to left: earlier positions stay valid
+        ids[a:b] = new
+        mask[a:b] = [True] * len(new)
+        shift = len(new) - (b - a)
+        spans = [(s0, s1 + shift) if s0 == a else (s0 + shift, s1 + shift) if s0 > a else (s0, s1)
+                 for s0, s1 in spans]
     if max_len is not None:
         ids, mask = ids[:max_len], mask[:max_len]
     return TokenizedChat(ids, mask, spans)
@@ -153,7 +174,8 @@ def load_sequences(input_path: str | Path, tokenizer, max_seq_len: int) -> tuple
     of the input and tokenizer (for resume fingerprints). Rows with a ``status`` other than
     ``success`` or ``truncated`` (regenerate errors / skips) and rows with no supervised token are
     dropped. The chat template is rendered with the thinking switch the row was regenerated with;
-    a turn whose ``meta.regen.finish_reasons`` entry is ``length`` gets no end-of-turn label."""
+    a turn whose ``meta.regen.finish_reasons`` entry is ``length`` gets no end-of-turn label; a turn
+    with ``meta.regen.answer_token_ids`` keeps the ids the target generated."""
     rows, files = conversation_rows(input_path)
     digest = hashlib.sha256()
     for file in files:
@@ -172,7 +194,7 @@ def load_sequences(input_path: str | Path, tokenizer, max_seq_len: int) -> tuple
         cut = [k for k, reason in enumerate(regen.get("finish_reasons") or []) if reason == "length"]
         try:
             chat = tokenize_chat(tokenizer, row["messages"], enable_thinking=regen.get("thinking"),
-                                 max_len=max_seq_len, cut_turns=cut)
+                                 max_len=max_seq_len, cut_turns=cut, turn_ids=regen.get("answer_token_ids") or ())
         except ValueError:
             dropped["template_mismatch"] += 1
             continue

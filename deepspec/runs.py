@@ -208,6 +208,8 @@ def check_export_output(output_dir: str | Path, draft_dir: Path | None, overwrit
         raise ValueError(f"output_dir={output_dir} is not empty ({', '.join(entries[:6])}); export writes into a "
                          f"new or empty folder so two exports never mix; choose another output_dir, or pass "
                          f"overwrite=true to replace an earlier export there")
+    if entries == ["config.yaml"]:
+        return  # an export that started (its config recorded) and failed before writing: overwrite replaces it
     if not is_export_dir(out):
         raise ValueError(f"output_dir={output_dir} is not empty and holds no earlier deepspec export "
                          f"(config.json with a 'deepspec' entry): overwrite=true only replaces an export; "

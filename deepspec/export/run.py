@@ -50,7 +50,7 @@ def run(cfg) -> dict:
     drafter = load_drafter(draft_dir)
     target_note = None
     if kind_entry(drafter).prunes_vocab and drafter.spec.draft_vocab_size is not None \
-            and fmt in ("vllm", "sglang"):
+            and fmt in ("vllm", "sglang", "gguf"):
         target_note = _attach_target(cfg, drafter, draft_dir)  # the pruned LM head is a slice of the target's
     _start(cfg)
     if fmt == "v4":
@@ -67,7 +67,7 @@ def run(cfg) -> dict:
         summary = export_gguf(drafter, cfg.output_dir, t.source, t.gguf_file, dtype=cfg.export.dtype,
                               check=cfg.export.check, sts_temperatures=find_sts(draft_dir),
                               chat_template=t.chat_template)
-        target_note = f"{t.name} (from {where}): vocabulary for the converter"
+        target_note = "; ".join(filter(None, [target_note, f"{t.name} (from {where}): vocabulary for the converter"]))
     else:
         summary = export_drafter(drafter, fmt, cfg.output_dir, dtype=cfg.export.dtype, check=cfg.export.check,
                                  sts_temperatures=find_sts(draft_dir), dflash_layout=cfg.export.dflash_layout)

@@ -83,6 +83,28 @@ def test_two_exports_never_mix_in_one_folder(trained_run, tmp_path, capsys):
     assert (other / "keep.txt").read_text() == "not an export"
 
 
+def test_an_export_that_failed_after_starting_can_be_rerun_with_overwrite(trained_run, tmp_path, monkeypatch):
+    """A failed export leaves only its recorded config.yaml; overwrite=true replaces it (the rerun
+    was refused as 'holds no earlier deepspec export' before)."""
+    import deepspec.export.run as export_run
+
+    _, T = trained_run
+    E = tmp_path / "E"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the engine's converter crashed")
+
+    monkeypatch.setattr(export_run, "export_drafter", broken, raising=False)
+    import deepspec.export.drafter as drafter_mod
+    monkeypatch.setattr(drafter_mod, "export_drafter", broken)
+    assert _export(T, E, "hf") == 1
+    assert [p.name for p in E.iterdir() if not p.name.startswith(".")] == ["config.yaml"]
+    monkeypatch.undo()
+    assert _export(T, E, "hf") == 1  # still no silent overwrite without the flag
+    assert _export(T, E, "hf", "overwrite=true") == 0
+    assert json.loads((E / "summary.json").read_text())["format"] == "hf"
+
+
 def test_output_dir_that_is_a_file_or_read_only_gets_a_message(trained_run, tmp_path, capsys):
     R, _ = trained_run
     f = tmp_path / "file"

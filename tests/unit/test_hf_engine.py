@@ -68,11 +68,12 @@ def test_greedy_matches_generate_with_rows_stopping_early(target):
     assert lengths[0] < 12 and lengths[0] < lengths[-1]  # the test exercises early removal
     assert answers(engine, prompts) == expected
     texts = engine.generate(prompts)
-    for (text, n, finish), ref in zip(texts, expected, strict=True):
+    for (text, n, finish, ids), ref in zip(texts, expected, strict=True):
         assert n == len(ref)
         assert finish == ("stop" if ref[-1] in engine.eos_ids else "length")
         kept = ref[:-1] if finish == "stop" else ref
         assert text == target.tokenizer.decode(kept, skip_special_tokens=True)
+        assert ids == kept  # the ids training uses instead of re-tokenizing the text
 
 
 def test_row_answer_does_not_depend_on_batch_mates(target):

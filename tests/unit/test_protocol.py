@@ -101,6 +101,53 @@ def test_only_the_cut_turn_loses_its_end_token(target):
     assert sum(whole.loss_mask) - sum(cut.loss_mask) == 1
 
 
+def test_the_targets_own_token_ids_replace_a_retokenized_answer(target, tmp_path_factory):
+    """A target may split a word non-canonically; training keeps the ids it generated (per turn, from
+    meta.regen.answer_token_ids), later turns' spans shift with the splice, and ids that do not decode
+    to the turn's text are ignored (the text's tokens stay)."""
+    tok = target.tokenizer
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+            {"role": "user", "content": "More"}, {"role": "assistant", "content": "Janet sells eggs"}]
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    odd1 = enc("Hel") + enc("lo") + enc(" there")
+    odd2 = enc("Ja") + enc("net") + enc(" sel") + enc("ls eggs")
+    assert odd1 != enc("Hello there") and odd2 != enc("Janet sells eggs")
+    plain = tokenize_chat(tok, msgs)
+    own = tokenize_chat(tok, msgs, turn_ids=[odd1, odd2])
+    texts = [tok.decode(own.input_ids[a:b]) for a, b in own.spans]
+    assert texts == ["Hello there<|im_end|>", "Janet sells eggs<|im_end|>"]
+    assert own.input_ids[own.spans[0][0]:own.spans[0][1] - 1] == odd1
+    assert own.input_ids[own.spans[1][0]:own.spans[1][1] - 1] == odd2
+    assert sum(own.loss_mask) == len(odd1) + len(odd2) + 2
+    assert len(own.input_ids) - len(plain.input_ids) == (len(odd1) + len(odd2)) - (len(enc("Hello there"))
+                                                                                 + len(enc("Janet sells eggs")))
+    assert tok.decode(own.input_ids) == tok.decode(plain.input_ids)
+    # ids of another text, or a missing turn: the text's own tokens
+    wrong = tokenize_chat(tok, msgs, turn_ids=[enc("Goodbye"), None])
+    assert (wrong.input_ids, wrong.loss_mask) == (plain.input_ids, plain.loss_mask)
+    # load_sequences reads them from the regenerated row's meta
+    row = {"id": "r", "status": "success", "messages": msgs,
+           "meta": {"regen": {"answer_token_ids": [odd1, odd2], "finish_reasons": ["stop", "stop"]}}}
+    folder = tmp_path_factory.mktemp("ids")
+    (folder / "regenerated.jsonl").write_text(json.dumps(row) + "\n")
+    (seq,), dropped, _ = load_sequences(folder, tok, 512)
+    assert (seq.input_ids, seq.loss_mask) == (own.input_ids, own.loss_mask) and not dropped
+
+
+def test_hf_regeneration_records_the_generated_ids(tmp_path, target):
+    row = {"id": "a", "source": "t", "messages": [{"role": "user", "content": "Count to fifty."}], "meta": {}}
+    (tmp_path / "in.jsonl").write_text(json.dumps(row) + "\n")
+    settings = SamplingSettings(max_new_tokens=6, max_seq_len=256)
+    run_regeneration(tmp_path / "in.jsonl", tmp_path / "r", HFEngine(target, settings, batch_size=1), settings,
+                     progress=False)
+    (out,) = [r for _, r in iter_jsonl(tmp_path / "r" / OUTPUT_FILE)]
+    (ids,) = out["meta"]["regen"]["answer_token_ids"]
+    assert len(ids) == 6 and target.tokenizer.decode(ids, skip_special_tokens=True) == out["messages"][-1]["content"]
+    (seq,), _, _ = load_sequences(tmp_path / "r", target.tokenizer, 256)
+    supervised = [t for t, m in zip(seq.input_ids, seq.loss_mask, strict=True) if m]
+    assert supervised == ids  # the random model's ids, not a re-tokenization of its text
+
+
 # ---- fp8 cache: the final hidden state at 16 bits ---------------------------------------------
 
 
