@@ -169,7 +169,7 @@ class OnePass:
             choice = reply["choices"][0]
             gen = [int(i) for i in choice["token_ids"]]
             usage = reply.get("usage") or {}
-            computed["generate"] += _computed(usage) + max(len(gen) - 1, 0)
+            computed["generate"] += computed_tokens(usage) + max(len(gen) - 1, 0)
             stopped = choice.get("finish_reason") != "length"
             answer = gen[:-1] if stopped and gen else gen  # the stop token becomes the template's end-of-turn
             mask += [False] * (len(prompt) - len(ids)) + [True] * len(answer) + [stopped] + [False] * (len(tail) - 1)
@@ -181,7 +181,7 @@ class OnePass:
         hidden, file_ids = last_file
         keep = _common_prefix(file_ids.tolist(), ids)
         reply, rest, rest_ids = self.extractor.complete({"prompt": ids, "max_tokens": 1, "temperature": 0.0})
-        computed["follow_up"] += _computed(reply.get("usage") or {})
+        computed["follow_up"] += computed_tokens(reply.get("usage") or {})
         if rest_ids.tolist() != ids:
             raise RuntimeError(f"the follow-up returned hidden states for {rest_ids.numel()} tokens, not the "
                                f"{len(ids)} sent")
@@ -191,7 +191,7 @@ class OnePass:
         return RowOutcome(result, EncodedSequence.from_features(feats, self.dtype), computed)
 
 
-def _computed(usage: dict[str, Any]) -> int:
+def computed_tokens(usage: dict[str, Any]) -> int:
     """Prompt tokens a request ran through the target (those not served by the prefix cache)."""
     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
     return int(usage.get("prompt_tokens") or 0) - cached
