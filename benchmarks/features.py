@@ -20,10 +20,10 @@ feature tokens/s of each (alternating rounds), the error between them against bf
 and target passes per answer for regenerate-then-extract vs regenerate-and-extract on one server.
 
 --one-pass (benchmarks/vllm_one_pass.py): the same GSM8K prompts answered (greedy, --max-new-tokens)
-and extracted by one local vLLM server three ways: regenerate then extract on a cold prefix cache,
-regenerate then extract on the regeneration's prefix cache, and `features.regenerate=true` (one
-pass); target tokens computed per sequence token, wall and CPU seconds of each, and the checks that
-the one pass gives the same answers, token ids and features.
+and extracted three ways: regenerate on a plain vLLM server then extract on a feature server (cold),
+regenerate then extract right after on one feature server (its prefix cache), and
+`features.regenerate=true` (one pass); target tokens computed per sequence token, wall and CPU seconds
+of each, and the checks that the one pass gives the same answers, token ids and features.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> None:
                    help="regenerate-then-extract vs features.regenerate=true on one vLLM server ($DEEPSPEC_VLLM_VENV)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="--one-pass: answer length limit")
     p.add_argument("--concurrency", type=int, default=8, help="--one-pass: requests in flight")
+    p.add_argument("--one-pass-first", action="store_true", help="--one-pass: run the one pass before R and Eb")
     add_target_args(p)
     a = p.parse_args()
     if a.one_pass:

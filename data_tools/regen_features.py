@@ -111,7 +111,11 @@ class ChatIds:
         full = self._text(messages + [{"role": "assistant", "content": _MARK}], False)
         if not full.startswith(prompt) or _MARK not in full[len(prompt):]:
             raise TemplateMismatch("the chat template does not render an answer right after its generation prompt")
-        return self._ids(full[full.index(_MARK, len(prompt)) + len(_MARK):])
+        tail = self._ids(full[full.index(_MARK, len(prompt)) + len(_MARK):])
+        if not tail:
+            raise TemplateMismatch("the chat template renders nothing after an answer (no end-of-turn token to "
+                                   "train on); set target.chat_template to a chat template")
+        return tail
 
 
 @dataclass
@@ -163,9 +167,8 @@ class OnePass:
                     return RowOutcome(RowResult(row.index, "skipped", reason="prompt_too_long"))
                 result.turns_dropped = len(segments) - t
                 break
-            reply, hidden, file_ids = self.extractor.complete({"prompt": prompt, **self._sampling(min(s.max_new_tokens,
-                                                                                                     room))},
-                                                              {"include_output_tokens": True})
+            body = {"prompt": prompt, **self._sampling(min(s.max_new_tokens, room))}
+            reply, hidden, file_ids = self.extractor.complete(body, {"include_output_tokens": True})
             choice = reply["choices"][0]
             gen = [int(i) for i in choice["token_ids"]]
             usage = reply.get("usage") or {}

@@ -72,15 +72,17 @@ def server_command(python: str, model: str, aux_ids: Sequence[int], storage: str
                    host: str = "0.0.0.0", dtype: str = "auto", served_name: str | None = None,
                    max_model_len: int = 4096, extra: Sequence[str] = ()) -> list[str]:
     """argv of a vLLM OpenAI server that extracts ``aux_ids`` into ``storage`` (a folder the
-    readers see). ``extra``: further vLLM flags (tensor/expert parallel, quantization, ...)."""
-    spec = {"method": "extract_hidden_states", "num_speculative_tokens": 1,
-            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": [int(i) for i in aux_ids]}}}
-    kv = {"kv_connector": CONNECTOR_CLASS, "kv_role": "kv_producer", "kv_connector_module_path": CONNECTOR_MODULE,
-          "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
+    readers see); no ``aux_ids``: a plain server (no extraction). ``extra``: further vLLM flags
+    (tensor/expert parallel, quantization, ...)."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
            "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
-           "--speculative-config", json.dumps(spec), "--kv-transfer-config", json.dumps(kv),
            "--enable-prompt-tokens-details"]
+    if aux_ids:
+        spec = {"method": "extract_hidden_states", "num_speculative_tokens": 1,
+                "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": [int(i) for i in aux_ids]}}}
+        kv = {"kv_connector": CONNECTOR_CLASS, "kv_role": "kv_producer", "kv_connector_module_path": CONNECTOR_MODULE,
+              "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
+        cmd += ["--speculative-config", json.dumps(spec), "--kv-transfer-config", json.dumps(kv)]
     if served_name:
         cmd += ["--served-model-name", served_name]
     return cmd + list(extra)
