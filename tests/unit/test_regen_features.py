@@ -167,11 +167,14 @@ def test_interrupted_run_resumes_without_loss_or_duplication(target, tmp_path):
         torch.testing.assert_close(got[i].final_TD, want[i].final_TD, atol=1e-5, rtol=1e-5)
 
 
-def test_other_settings_are_refused_on_resume(target, tmp_path):
+def test_finished_run_reruns_as_is_and_other_settings_are_refused(target, tmp_path):
     fake = server(target, tmp_path, stop_after=1)
     try:
         inp = prompts(tmp_path, 1)
-        run(target, fake, inp, tmp_path / "o")
+        first = run(target, fake, inp, tmp_path / "o")
+        requests = len(fake.bodies)
+        again = run(target, fake, inp, tmp_path / "o")  # a finished run: nothing to redo, the same outputs
+        assert again["resumed_rows"] == 2 and len(fake.bodies) == requests and again["tokens"] == first["tokens"]
         with pytest.raises(ValueError, match=r"other .*settings"):
             run(target, fake, inp, tmp_path / "o", settings=SamplingSettings(max_new_tokens=9, max_seq_len=256))
     finally:
