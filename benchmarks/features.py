@@ -3,6 +3,7 @@ vLLM's extraction beside `transformers` on the same token ids.
 
     python benchmarks/features.py --sequences 16 --batch-tokens 4096
     DEEPSPEC_VLLM_VENV=/path/venv-vllm python benchmarks/features.py --vllm --dtype bfloat16 --sequences 16
+    DEEPSPEC_VLLM_VENV=/path/venv-vllm python benchmarks/features.py --one-pass --dtype bfloat16 --sequences 16
 
 On SmolLM2-135M-Instruct (CPU) with the DSpark SmolLM2 taps, using GSM8K problems with
 their reference answers as conversations:
@@ -17,6 +18,12 @@ their reference answers as conversations:
 exported once) in --dtype, a local vLLM server runs deepspec's connector, and the script prints
 feature tokens/s of each (alternating rounds), the error between them against bf16's own error,
 and target passes per answer for regenerate-then-extract vs regenerate-and-extract on one server.
+
+--one-pass (benchmarks/vllm_one_pass.py): the same GSM8K prompts answered (greedy, --max-new-tokens)
+and extracted three ways: regenerate on a plain vLLM server then extract on a feature server (cold),
+regenerate then extract right after on one feature server (its prefix cache), and
+`features.regenerate=true` (one pass); target tokens computed per sequence token, wall and CPU seconds
+of each, and the checks that the one pass gives the same answers, token ids and features.
 """
 
 from __future__ import annotations
@@ -74,8 +81,18 @@ def main() -> None:
     p.add_argument("--workdir", default="runs/features_vllm", help="--vllm: exported target, server log, files")
     p.add_argument("--block-size", type=int, default=None,
                    help="--vllm: vLLM's KV block size (prefix caching reuses whole blocks; CPU default 128)")
+    p.add_argument("--one-pass", action="store_true",
+                   help="regenerate-then-extract vs features.regenerate=true on one vLLM server ($DEEPSPEC_VLLM_VENV)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="--one-pass: answer length limit")
+    p.add_argument("--concurrency", type=int, default=8, help="--one-pass: requests in flight")
+    p.add_argument("--one-pass-first", action="store_true", help="--one-pass: run the one pass before R and Eb")
     add_target_args(p)
     a = p.parse_args()
+    if a.one_pass:
+        from vllm_one_pass import one_pass_benchmark  # noqa: E402  (benchmarks/vllm_one_pass.py)
+
+        one_pass_benchmark(a, LAYERS)
+        return
     if a.vllm:
         from vllm_features_compare import compare  # noqa: E402  (benchmarks/vllm_features_compare.py)
 

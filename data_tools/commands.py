@@ -39,18 +39,25 @@ def prompts(cfg) -> dict[str, Any]:
     return summary
 
 
+def _sampling_settings(cfg):
+    from data_tools.regenerate import SamplingSettings
+
+    r = cfg.regen
+    return SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                            top_k=r.top_k, thinking=r.thinking, max_turns=r.max_turns,
+                            max_seq_len=cfg.data.max_seq_len, seed=r.seed)
+
+
 def regenerate(cfg) -> dict[str, Any]:
     """Regenerate every assistant turn of input=PATH (a prompts folder or a JSONL file) with the
     target: regen.engine=hf (the target's own model) or openai (regen.urls; the API key is read from
     the environment variable regen.api_key_env, OPENAI_API_KEY by default, and never written).
     Resumable: rerun the same command after an interruption; rows that failed are retried.
     Writes output_dir/regenerated.jsonl."""
-    from data_tools.regenerate import SamplingSettings, format_summary, run_regeneration
+    from data_tools.regenerate import format_summary, run_regeneration
 
     r = cfg.regen
-    settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, thinking=r.thinking, max_turns=r.max_turns,
-                                max_seq_len=cfg.data.max_seq_len, seed=r.seed)
+    settings = _sampling_settings(cfg)
     input_path = _input(cfg)
     provenance = None
     if r.engine == "hf":
@@ -83,13 +90,21 @@ def features(cfg) -> dict[str, Any]:
     the id, loss mask, tapped layers (drafter.layer_ids) and final hidden state, stored as
     features.dtype (fp32 | bf16 | fp16 | fp8) in shards of features.shard_tokens. Resumable.
     features.source=vllm: vLLM computes them, at features.vllm_urls or, when none are given, in a
-    server started here from $DEEPSPEC_VLLM_VENV (same cache either way)."""
+    server started here from $DEEPSPEC_VLLM_VENV (same cache either way).
+    features.regenerate=true (with source=vllm): input= is prompts; every answer is generated with the
+    regen settings and its features come from the same vLLM passes (one follow-up request for the
+    end-of-turn tail); writes output_dir/regenerated.jsonl beside the cache. Resumable."""
     from data_tools.features import write_feature_cache
     from deepspec.targets import target_from_config
 
-    target = target_from_config(cfg)
     f = cfg.features
+    if f.regenerate and f.source != "vllm":
+        raise ValueError(f"features.regenerate=true runs through vLLM (features.source=vllm), not "
+                         f"features.source={f.source}; or run `deepspec data regenerate` then `deepspec data features`")
+    target = target_from_config(cfg)
     layer_ids = target.check_layer_ids(_layer_ids(cfg, target.shapes))
+    if f.regenerate:
+        return _regenerate_features(cfg, target, layer_ids)
     with _feature_extractor(cfg, target, layer_ids) as (extractor, engine):
         summary = write_feature_cache(_input(cfg), target, layer_ids, cfg.output_dir,
                                       storage_dtype=f.dtype, max_seq_len=cfg.data.max_seq_len,
@@ -103,8 +118,28 @@ def features(cfg) -> dict[str, Any]:
     return summary
 
 
+def _regenerate_features(cfg, target, layer_ids: list[int]) -> dict[str, Any]:
+    """`features` with features.regenerate=true (data_tools/regen_features.py)."""
+    from data_tools.regen_features import BLOCK_SIZE, OnePass, run_one_pass
+    from data_tools.regenerate import format_summary
+
+    f, r = cfg.features, cfg.regen
+    with _feature_extractor(cfg, target, layer_ids, extra=["--block-size", str(BLOCK_SIZE)]) as (extractor, _):
+        one_pass = OnePass(extractor, target.tokenizer, _sampling_settings(cfg), f.dtype)
+        summary = run_one_pass(_input(cfg), cfg.output_dir, one_pass, target, layer_ids,
+                               shard_tokens=f.shard_tokens, concurrency=f.vllm_concurrency,
+                               max_rows=cfg.data.max_rows, retry_failed=r.retry_failed,
+                               max_error_fraction=r.max_error_fraction)
+        summary["vllm"] = dict(extractor.stats, urls=extractor.urls)
+    print0(format_summary(summary))
+    shown = ("sequences", "tokens", "loss_tokens", "shards", "storage_dtype", "bytes_per_token", "total_bytes")
+    print0(format_table([{**{k: summary[k] for k in shown},
+                          "target_passes_per_token": summary["passes"]["per_sequence_token"]}]))
+    return summary
+
+
 @contextlib.contextmanager
-def _feature_extractor(cfg, target, layer_ids: list[int]):
+def _feature_extractor(cfg, target, layer_ids: list[int], extra: list[str] = ()):
     """(extractor, engine name) for `features`: None with the resident target; a VllmExtractor for
     features.source=vllm (at features.vllm_urls, or a local server for the length of the block)."""
     f = cfg.features
@@ -122,7 +157,7 @@ def _feature_extractor(cfg, target, layer_ids: list[int]):
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(cfg.target.dtype)]
     print0(f"[features] starting a vLLM server on {model_dir} ({dtype}); log {work / 'vllm_server.log'}")
     with local_server(model_dir, vllm_layer_ids(layer_ids, target.num_layers), work / "hidden_states", dtype=dtype,
-                      max_model_len=cfg.data.max_seq_len + 1, log=work / "vllm_server.log") as url:
+                      max_model_len=cfg.data.max_seq_len + 1, log=work / "vllm_server.log", extra=extra) as url:
         yield VllmExtractor([url], target, layer_ids, f.vllm_concurrency), "vllm"
 
 

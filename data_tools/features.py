@@ -69,6 +69,13 @@ def source_identity(target, layer_ids: Sequence[int], storage_dtype: str | None,
             "max_seq_len": int(max_seq_len)}
 
 
+def cache_identity(target, layer_ids: Sequence[int], storage_dtype: str, max_seq_len: int) -> dict:
+    """The identity a feature cache records (and `deepspec train` checks): the source identity and
+    the chat template's hash."""
+    return {**source_identity(target, layer_ids, storage_dtype, max_seq_len),
+            "chat_template_hash": template_hash(target.tokenizer.chat_template)}
+
+
 def _older_final_rule(old_identity: dict, new_identity: dict) -> str:
     """A hint when a cache differs from this run only by being written before fp8 caches kept the final
     hidden state at 16 bits."""
@@ -330,8 +337,7 @@ def write_feature_cache(input_path: str | Path, target, layer_ids: Sequence[int]
     if not sequences:
         raise ValueError(f"input={input_path}: no conversation with assistant tokens to extract "
                          f"(dropped: {dict(dropped)})")
-    identity = {**source_identity(target, layer_ids, storage_dtype, max_seq_len),
-                "chat_template_hash": template_hash(target.tokenizer.chat_template)}
+    identity = cache_identity(target, layer_ids, storage_dtype, max_seq_len)
     fingerprint = {"identity": identity, "input_sha256": digest, "shard_tokens": shard_tokens}
     state_path = out / STATE_FILE
     state = {"fingerprint": fingerprint, "shards": {}}

@@ -72,15 +72,17 @@ def server_command(python: str, model: str, aux_ids: Sequence[int], storage: str
                    host: str = "0.0.0.0", dtype: str = "auto", served_name: str | None = None,
                    max_model_len: int = 4096, extra: Sequence[str] = ()) -> list[str]:
     """argv of a vLLM OpenAI server that extracts ``aux_ids`` into ``storage`` (a folder the
-    readers see). ``extra``: further vLLM flags (tensor/expert parallel, quantization, ...)."""
-    spec = {"method": "extract_hidden_states", "num_speculative_tokens": 1,
-            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": [int(i) for i in aux_ids]}}}
-    kv = {"kv_connector": CONNECTOR_CLASS, "kv_role": "kv_producer", "kv_connector_module_path": CONNECTOR_MODULE,
-          "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
+    readers see); no ``aux_ids``: a plain server (no extraction). ``extra``: further vLLM flags
+    (tensor/expert parallel, quantization, ...)."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
            "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
-           "--speculative-config", json.dumps(spec), "--kv-transfer-config", json.dumps(kv),
            "--enable-prompt-tokens-details"]
+    if aux_ids:
+        spec = {"method": "extract_hidden_states", "num_speculative_tokens": 1,
+                "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": [int(i) for i in aux_ids]}}}
+        kv = {"kv_connector": CONNECTOR_CLASS, "kv_role": "kv_producer", "kv_connector_module_path": CONNECTOR_MODULE,
+              "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
+        cmd += ["--speculative-config", json.dumps(spec), "--kv-transfer-config", json.dumps(kv)]
     if served_name:
         cmd += ["--served-model-name", served_name]
     return cmd + list(extra)
@@ -230,10 +232,21 @@ class VllmExtractor:
         return models[0]["id"]
 
     def _request(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden_states [T, ids, D], token_ids [T]) of the prefill of ``ids`` (``max_tokens=1``)."""
+        _, hidden, got_ids = self.complete({"prompt": ids, "max_tokens": 1, "temperature": 0.0})
+        if got_ids.tolist() != ids:
+            raise RuntimeError(f"vLLM server returned hidden states for other token ids than sent "
+                               f"({got_ids.numel()} vs {len(ids)} tokens)")
+        return hidden, got_ids
+
+    def complete(self, body: dict, kv_transfer_params: dict | None = None
+                 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Send one ``/v1/completions`` request (``body`` without the model) to the next server and read
+        the hidden-states file it names: (reply, hidden_states [T, ids, D], token_ids [T]). Counts the
+        request in ``stats``; ``kv_transfer_params`` go to the connector (e.g. include_output_tokens)."""
         with self._lock:
             url = next(self._next)
-        body = {"model": self.models[url], "prompt": ids, "max_tokens": 1, "temperature": 0.0,
-                "kv_transfer_params": {}}
+        body = {"model": self.models[url], **body, "kv_transfer_params": dict(kv_transfer_params or {})}
         if self.cache_salt:
             body["cache_salt"] = self.cache_salt
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
@@ -242,7 +255,7 @@ class VllmExtractor:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 reply = json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"vLLM server {url} refused a {len(ids)}-token sequence: HTTP {e.code} "
+            raise RuntimeError(f"vLLM server {url} refused a {len(body['prompt'])}-token sequence: HTTP {e.code} "
                                f"{e.read()[:300]!r} (over the server's --max-model-len?)") from e
         path = (reply.get("kv_transfer_params") or {}).get("hidden_states_path")
         if not path:
@@ -251,7 +264,7 @@ class VllmExtractor:
         usage = reply.get("usage") or {}
         with self._lock:
             self.stats["requests"] += 1
-            self.stats["prompt_tokens"] += int(usage.get("prompt_tokens") or len(ids))
+            self.stats["prompt_tokens"] += int(usage.get("prompt_tokens") or len(body["prompt"]))
             self.stats["cached_tokens"] += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         try:
             hidden, got_ids, layers = read_hidden_states(path)
@@ -262,23 +275,24 @@ class VllmExtractor:
             raise ValueError(f"vLLM server {url} extracts vLLM layers {layers}; this recipe's taps "
                              f"{self.layer_ids} + the final state need {self.aux_ids}: restart it with "
                              f"launch/vllm_features.sh for this recipe")
-        if got_ids.tolist() != ids:
-            raise RuntimeError(f"vLLM server {url} returned hidden states for other token ids than sent "
-                               f"({got_ids.numel()} vs {len(ids)} tokens)")
-        return hidden, got_ids
+        return reply, hidden, got_ids
+
+    @torch.no_grad()
+    def features(self, hidden_TND: torch.Tensor, ids_T: torch.Tensor, loss_mask: list[bool]) -> SequenceFeatures:
+        """SequenceFeatures of one sequence from its rows of a hidden-states file (taps picked, the
+        target's final norm applied to vLLM's pre-norm last state), in the target's dtype and device."""
+        device, dtype = self.target.device, self.target.dtype
+        hidden_TND = hidden_TND.to(device=device, dtype=dtype)
+        final = self.final_norm(hidden_TND[:, self.final_row])  # vLLM id L is pre-norm
+        return SequenceFeatures(ids_T.to(device), torch.tensor(loss_mask, dtype=torch.bool, device=device),
+                                hidden_TND[:, self.tap_rows].clone(), final)
 
     @torch.no_grad()
     def __call__(self, sequences: Sequence[ChatSequence]) -> list[SequenceFeatures]:
-        device, dtype = self.target.device, self.target.dtype
         with ThreadPoolExecutor(self.concurrency) as pool:
             replies = list(pool.map(lambda s: self._request(list(map(int, s.input_ids))), sequences))
-        out = []
-        for seq, (hidden_TND, ids) in zip(sequences, replies, strict=True):
-            hidden_TND = hidden_TND.to(device=device, dtype=dtype)
-            final = self.final_norm(hidden_TND[:, self.final_row])  # vLLM id L is pre-norm
-            out.append(SequenceFeatures(ids.to(device), torch.tensor(seq.loss_mask, dtype=torch.bool, device=device),
-                                        hidden_TND[:, self.tap_rows].clone(), final))
-        return out
+        return [self.features(hidden_TND, ids, seq.loss_mask)
+                for seq, (hidden_TND, ids) in zip(sequences, replies, strict=True)]
 
 
 def serve_command_for_recipe(overrides: Sequence[str], model: str, storage: str, port: int = 8000,

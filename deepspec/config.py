@@ -132,6 +132,9 @@ class FeaturesConfig:
     vllm_urls: list[str] = field(default_factory=list)
     vllm_concurrency: int = 8  # requests in flight across the servers
     vllm_tokens_per_s: Optional[float] = None  # `deepspec plan`: feature tokens/s of one vLLM server (a node)
+    # `deepspec data features` with source=vllm: input= is prompts; each answer is generated (regen settings) and
+    # its features extracted by the same vLLM passes; writes regenerated.jsonl beside the cache
+    regenerate: bool = False
 
 
 @dataclass

@@ -46,11 +46,20 @@ def test_layer_id_translation():
 
 
 class FakeVllm:
-    """A thread serving vLLM's hidden-state protocol with a FrozenTarget's model (vLLM's numbering)."""
+    """A thread serving vLLM's hidden-state protocol with a FrozenTarget's model (vLLM's numbering).
 
-    def __init__(self, target, aux_ids: list[int], storage: Path):
+    ``max_tokens > 1`` generates greedily (``return_token_ids``; ``stop_after``: the answer's length
+    before it emits the end-of-turn token, None = never); with ``kv_transfer_params.include_output_tokens``
+    the file holds the prompt and every generated token but the last, as vLLM's connector writes it.
+    ``usage.prompt_tokens_details.cached_tokens`` follows a prefix cache of whole ``block``-token blocks
+    over everything sent or generated before (vLLM always computes a prompt's last token)."""
+
+    def __init__(self, target, aux_ids: list[int], storage: Path, stop_after: int | None = None, block: int = 4):
         self.target, self.aux_ids, self.storage = target, sorted(aux_ids), storage
+        self.stop_after, self.block = stop_after, block
         self.count = 0
+        self.bodies: list[dict] = []
+        self.seen: list[list[int]] = []
         self.lock = threading.Lock()  # one forward at a time: the hooks capture into one dict
         fake = self
 
@@ -71,15 +80,36 @@ class FakeVllm:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert body["model"] == "fake-model" and body["max_tokens"] == 1
+                assert body["model"] == "fake-model"
                 with fake.lock:
-                    path = fake.write(body["prompt"])
-                self._send({"kv_transfer_params": {"hidden_states_path": path},
-                            "usage": {"prompt_tokens": len(body["prompt"])}})
+                    self._send(fake.complete(body))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @torch.no_grad()
+    def complete(self, body: dict) -> dict:
+        self.bodies.append(body)
+        prompt = list(body["prompt"])
+        gen: list[int] = []
+        while len(gen) < body["max_tokens"]:
+            if len(gen) == self.stop_after:
+                gen.append(self.target.tokenizer.eos_token_id)
+                break
+            logits = self.target.model(input_ids=torch.tensor([prompt + gen])).logits
+            gen.append(int(logits[0, -1].argmax()))
+        finish = "stop" if gen[-1] == self.target.tokenizer.eos_token_id else "length"
+        cached = max((_common(prompt, s) for s in self.seen), default=0)
+        cached = min(cached, len(prompt) - 1) // self.block * self.block
+        self.seen.append(prompt + gen)
+        output = (body.get("kv_transfer_params") or {}).get("include_output_tokens")
+        path = self.write((prompt + gen)[:-1] if output else prompt)
+        return {"choices": [{"text": self.target.tokenizer.decode(gen, skip_special_tokens=True),
+                             "token_ids": gen if body.get("return_token_ids") else None, "finish_reason": finish}],
+                "kv_transfer_params": {"hidden_states_path": path},
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(gen),
+                          "prompt_tokens_details": {"cached_tokens": cached}}}
 
     @torch.no_grad()
     def write(self, ids: list[int]) -> str:
@@ -106,6 +136,10 @@ class FakeVllm:
 
     def close(self):
         self.server.shutdown()
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 @pytest.fixture(scope="module")
