@@ -179,6 +179,7 @@ class OnePass:
             ids = prompt + answer + tail
             history = history + segment + [{"role": "assistant", "content": choice.get("text") or ""}]
             result.finish_reasons.append("stop" if stopped else "length")
+            result.token_ids.append(answer)  # regenerated.jsonl records them: a later tokenization keeps them
             result.new_tokens += len(gen)
             last_file = (hidden, file_ids)
         hidden, file_ids = last_file

@@ -126,6 +126,10 @@ def test_cut_answer_gets_the_tail_unsupervised(target, tmp_path):
     assert int(got.loss_mask_T.sum()) == 6
     seqs, _, _ = load_sequences(tmp_path / "o", target.tokenizer, 256)  # other stages read regenerated.jsonl
     assert len(seqs) == 1
+    # ... with the generated ids it records, so a later `deepspec data features` trains on the same tokens
+    (answer,) = row["meta"]["regen"]["answer_token_ids"]
+    assert len(answer) == 6 and got.input_ids_T.tolist()[-8:-2] == answer
+    assert seqs[0].input_ids == got.input_ids_T.tolist()
 
 
 def test_interrupted_run_resumes_without_loss_or_duplication(target, tmp_path):
