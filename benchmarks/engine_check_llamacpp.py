@@ -245,7 +245,8 @@ def gate_llamacpp(kind: str, ckpt: Path, prompt: list[int], out: Path, max_new: 
     spec = serve_all(model, [prompt], max_new, out / f"gate_serve_{kind}.log", gguf, kind, k)
     return {"block_size": k, "accepted_fraction": spec["accepted_fraction"], "accept_len": spec["accept_len"],
             "drafted": spec["drafted"], "accepted": spec["accepted"],
-            "greedy_identical": base["tokens"] == spec["tokens"]}
+            "greedy_identical": base["tokens"] == spec["tokens"],
+            "target_tok_s": base["tok_s"], "spec_tok_s": spec["tok_s"]}  # a drafter right ~every time
 
 
 def gate_vllm(kind: str, ckpt: Path, prompt: list[int], out: Path, max_new: int) -> dict:
