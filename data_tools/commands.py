@@ -74,7 +74,7 @@ def regenerate(cfg) -> dict[str, Any]:
         engine = OpenAIEngine(list(r.urls), r.model or cfg.target.name, settings,
                               api_key=r.api_key or api_key_from_env(r.api_key_env),
                               concurrency=r.concurrency, retries=r.retries, timeout_s=r.timeout_s,
-                              backoff_s=r.backoff_s)
+                              backoff_s=r.backoff_s, return_token_ids=r.return_token_ids)
         provenance = {"urls": list(r.urls)}
     else:
         raise ValueError(f"regen.engine={r.engine!r}; choose hf or openai")

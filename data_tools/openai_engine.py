@@ -63,7 +63,8 @@ class OpenAIEngine:
     """See the module docstring."""
 
     def __init__(self, urls: list[str], model: str, settings: SamplingSettings, api_key: str | None = None,
-                 concurrency: int = 8, retries: int = 3, timeout_s: float = 300.0, backoff_s: float = 1.0):
+                 concurrency: int = 8, retries: int = 3, timeout_s: float = 300.0, backoff_s: float = 1.0,
+                 return_token_ids: bool = False):
         if not urls:
             raise ValueError("regen.engine=openai needs regen.urls=[http://host:port,...] "
                              "(OpenAI-compatible servers, e.g. `vllm serve`)")
@@ -80,6 +81,7 @@ class OpenAIEngine:
         self.retries = retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
+        self.return_token_ids = return_token_ids
         self.identity: dict[str, Any] = {"engine": "openai", "name": model}
 
     def generate_rows(self, rows: list[InputRow]) -> Iterator[RowResult]:
@@ -111,6 +113,8 @@ class OpenAIEngine:
                 history = history + [assistant]
                 finish = reply["choices"][0].get("finish_reason") or "stop"
                 result.finish_reasons.append("length" if finish == "length" else "stop")
+                if self.return_token_ids:  # a server that ignores the field: [] (the text is tokenized)
+                    result.token_ids.append([int(t) for t in reply["choices"][0].get("token_ids") or []])
                 result.new_tokens += int((reply.get("usage") or {}).get("completion_tokens") or 0)
         except (RequestFailed, KeyError, IndexError, TypeError, ValueError) as exc:
             return RowResult(row.index, "error", reason=f"{type(exc).__name__}: {exc}")
@@ -130,6 +134,8 @@ class OpenAIEngine:
                                 "chat_template_kwargs": {"enable_thinking": s.thinking}}
         if s.top_k > 0:
             body["top_k"] = s.top_k
+        if self.return_token_ids:
+            body["return_token_ids"] = True
         return json.dumps(body).encode()
 
     def _chat(self, messages: list[dict[str, Any]], deadline: float) -> dict[str, Any]:

@@ -242,7 +242,7 @@ def output_row(row: InputRow, result: RowResult, regen_meta: dict[str, Any]) -> 
     meta = dict(row.meta)
     meta["regen"] = dict(regen_meta, new_tokens=result.new_tokens, finish_reasons=result.finish_reasons,
                          turns_dropped=result.turns_dropped)
-    if result.token_ids and result.status == "success":
+    if any(result.token_ids) and result.status == "success":
         meta["regen"]["answer_token_ids"] = result.token_ids
     status = result.status
     if status == "success" and "length" in result.finish_reasons:

@@ -117,7 +117,9 @@ def tokenize_chat(tokenizer, messages: list[dict[str, Any]], enable_thinking: bo
         if tok:
             spans.append((tok[0], tok[-1] + 1))
             content_tok = [k for k in tok if k != after]
-            given = turn_ids[assistant_turn] if assistant_turn < len(turn_ids) else None
+            given = list(turn_ids[assistant_turn] or []) if assistant_turn < len(turn_ids) else []
+            while given and given[-1] in special:  # an engine that reports the stop token with the answer
+                given.pop()
             if given and content_tok and content_tok == list(range(content_tok[0], content_tok[-1] + 1)) \
                     and tokenizer.decode(list(given)) == tokenizer.decode(ids[content_tok[0]:content_tok[-1] + 1]):
                 splices.append((content_tok[0], content_tok[-1] + 1, [int(t) for t in given]))

@@ -116,6 +116,9 @@ class RegenConfig:
     max_error_fraction: float = 0.1  # more failed rows than this (of rows to regenerate): exit non-zero
     window_batches: int = 4  # engine=hf: rows are sorted by prompt length within batch_size * this
     dtype: RegenDtype = RegenDtype.auto  # engine=hf: auto = bf16 on AVX512-BF16/AMX CPUs and CUDA
+    # engine=openai: ask the server for the generated token ids (vLLM's `return_token_ids`), kept in
+    # meta.regen.answer_token_ids so training uses them instead of re-tokenizing the text (docs/data.md)
+    return_token_ids: bool = False
 
 
 @dataclass

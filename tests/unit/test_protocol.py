@@ -122,6 +122,8 @@ def test_the_targets_own_token_ids_replace_a_retokenized_answer(target, tmp_path
     assert len(own.input_ids) - len(plain.input_ids) == (len(odd1) + len(odd2)) - (len(enc("Hello there"))
                                                                                  + len(enc("Janet sells eggs")))
     assert tok.decode(own.input_ids) == tok.decode(plain.input_ids)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")  # an engine reporting the stop token with the answer
+    assert tokenize_chat(tok, msgs, turn_ids=[odd1 + [eot], odd2]).input_ids == own.input_ids
     # ids of another text, or a missing turn: the text's own tokens
     wrong = tokenize_chat(tok, msgs, turn_ids=[enc("Goodbye"), None])
     assert (wrong.input_ids, wrong.loss_mask) == (plain.input_ids, plain.loss_mask)

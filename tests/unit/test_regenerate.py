@@ -213,9 +213,10 @@ class StubServer:
                     return self._send(500, {"error": "busy"})
                 if last in stub.slow:
                     time.sleep(1.0)
-                self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"echo: {last}"},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"completion_tokens": 3}})
+                choice = {"message": {"role": "assistant", "content": f"echo: {last}"}, "finish_reason": "stop"}
+                if body.get("return_token_ids"):  # as vLLM does: the generated ids, stop token included
+                    choice["token_ids"] = [len(last), 7, 2]
+                self._send(200, {"choices": [choice], "usage": {"completion_tokens": 3}})
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
@@ -269,3 +270,20 @@ def test_openai_engine_retries_timeout_and_round_robin(tmp_path):
     assert second["chat_template_kwargs"] == {"enable_thinking": True} and second["model"] == "served-model"
     assert (summary["success"], summary["error"], summary["skipped"]) == (2, 3, 0)
     assert out["ok"]["meta"]["regen"]["engine"] == "openai" and out["ok"]["meta"]["regen"]["thinking"] is True
+    assert "answer_token_ids" not in out["ok"]["meta"]["regen"] and "return_token_ids" not in second
+
+
+def test_openai_engine_records_the_servers_token_ids_when_asked(tmp_path):
+    stub = StubServer(fail_first={}, slow=set(), bad=set())
+    rows = [{"id": "ok", "source": "s", "messages": [user("one"), {"role": "assistant", "content": "x"},
+                                                     user("three")], "meta": {}}]
+    write_jsonl_atomic(tmp_path / "in.jsonl", rows)
+    settings = SamplingSettings(max_new_tokens=7)
+    engine = OpenAIEngine(stub.urls, "m", settings, return_token_ids=True)
+    try:
+        run_regeneration(tmp_path / "in.jsonl", tmp_path / "o", engine, settings, progress=False)
+    finally:
+        stub.close()
+    (out,) = rows_of(tmp_path / "o" / OUTPUT_FILE)
+    assert all(r["return_token_ids"] is True for r in stub.requests)
+    assert out["meta"]["regen"]["answer_token_ids"] == [[3, 7, 2], [5, 7, 2]]  # per turn, as served
