@@ -28,10 +28,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from data_tools.regenerate import InputRow, RowResult, SamplingSettings
+from data_tools.regenerate import InputRow, RowResult, SamplingSettings, in_flight
 
 RETRY_STATUS = {408, 429}
 
@@ -85,17 +84,7 @@ class OpenAIEngine:
         self.identity: dict[str, Any] = {"engine": "openai", "name": model}
 
     def generate_rows(self, rows: list[InputRow]) -> Iterator[RowResult]:
-        queue = iter(rows)
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="regen") as pool:
-            running: set[Future] = set()
-            while True:
-                for row in itertools.islice(queue, 2 * self.concurrency - len(running)):
-                    running.add(pool.submit(self.run_row, row))
-                if not running:
-                    return
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for f in done:
-                    yield f.result()
+        return in_flight(self.run_row, rows, self.concurrency, "regen")
 
     def run_row(self, row: InputRow) -> RowResult:
         """All turns of one row; any failure makes the row an ``error`` result."""

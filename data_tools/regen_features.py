@@ -40,7 +40,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ from data_tools.regenerate import (
     _check_rows,
     _cut_torn_tail,
     _summary,
+    in_flight,
     output_row,
     read_input_rows,
 )
@@ -343,17 +343,7 @@ def passes(computed: Counter, seq_tokens: int) -> dict[str, Any]:
 
 def _outcomes(one_pass: OnePass, rows: list[InputRow], concurrency: int) -> Iterator[RowOutcome]:
     """``one_pass.run_row`` over ``rows``, ``concurrency`` rows in flight, in completion order."""
-    queue = iter(rows)
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="one-pass") as pool:
-        running: set[Future] = set()
-        while True:
-            for row in itertools.islice(queue, 2 * max(1, concurrency) - len(running)):
-                running.add(pool.submit(one_pass.run_row, row))
-            if not running:
-                return
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
-                yield f.result()
+    return in_flight(one_pass.run_row, rows, concurrency, "one-pass")
 
 
 def _commit(journal: ChunkJournal, outcomes: list[RowOutcome], by_index: dict[int, InputRow],

@@ -36,20 +36,25 @@ so a resumed run draws different (equally valid) samples than an uninterrupted o
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
 from data_tools.cache import file_sha256
 from data_tools.jsonl import NOT_UTF8, atomic_write_text, iter_jsonl, write_jsonl_atomic
 from data_tools.prompts import normalise_row
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 OUTPUT_FILE = "regenerated.jsonl"
 JOURNAL_FILE = "journal.jsonl"
@@ -125,6 +130,23 @@ class Engine(Protocol):
     def generate_rows(self, rows: list[InputRow]) -> Iterator[RowResult]:
         """Yield one result per row, in any order."""
         ...
+
+
+def in_flight(fn: Callable[[T], R], items: Iterable[T], concurrency: int, name: str) -> Iterator[R]:
+    """``fn`` over ``items`` on a thread pool, at most ``concurrency`` calls running and twice that
+    submitted; results in completion order (the request engines' one loop)."""
+    concurrency = max(1, concurrency)
+    queue = iter(items)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name) as pool:
+        running: set[Future] = set()
+        while True:
+            for item in itertools.islice(queue, 2 * concurrency - len(running)):
+                running.add(pool.submit(fn, item))
+            if not running:
+                return
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                yield f.result()
 
 
 def read_input_rows(input_path: str | Path, max_rows: int | None = None) -> tuple[list[InputRow], str]:
