@@ -36,7 +36,8 @@ def run(cfg) -> dict:
         _start(cfg)
         t = cfg.target
         summary = export_target(t.source, cfg.output_dir, gguf_file=t.gguf_file, dtype=t.dtype,
-                                chat_template=t.chat_template)
+                                chat_template=t.chat_template, random_config=dict(t.random_config or {}),
+                                seed=t.seed, tokenizer_source=t.tokenizer)
         print0(f"target {t.name} written as an HF directory in {cfg.output_dir} ({summary['seconds']} s): "
                f"{', '.join(summary['files'])}")
         return summary

@@ -23,16 +23,23 @@ TARGET_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
 
 
 def export_target(source: str, output_dir: str | Path, gguf_file: str | None = None, dtype: str = "float32",
-                  chat_template: str | None = None) -> dict:
+                  chat_template: str | None = None, random_config: dict | None = None, seed: int = 0,
+                  tokenizer_source: str | None = None) -> dict:
     """Dequantise/load `source` and write it as an HF directory; returns {files, seconds, ...}.
 
     `dtype` is the dtype the weights are written in (float32 keeps the dequantised values exact).
+    A `random:<model_type>` source is built from `random_config` (the target config's; without it the
+    family's full-size defaults, e.g. a 284B DeepSeek-V4, would be allocated) and needs
+    `tokenizer_source` (target.tokenizer).
     """
     t0 = time.perf_counter()
+    if source.startswith("random:") and not tokenizer_source:
+        raise ValueError(f"target source {source}: a random target has no tokenizer of its own; set target.tokenizer")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(source, gguf_file, torch_dtype(dtype), None, {}, 0)
-    tokenizer = load_tokenizer(source, gguf_file)
+    model = load_model(source, gguf_file, torch_dtype(dtype), None, dict(random_config or {}), seed)
+    tok_source = tokenizer_source or source
+    tokenizer = load_tokenizer(tok_source, gguf_file if tok_source == source else None)
     if chat_template:
         tokenizer.chat_template = chat_template
     if getattr(model.config, "quantization_config", None) is not None:
@@ -47,7 +54,7 @@ def export_target(source: str, output_dir: str | Path, gguf_file: str | None = N
     model.generation_config.to_json_file(str(out / "generation_config.json"))
     tokenizer.save_pretrained(str(out))
     check_target_dir(out)
-    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
     return {"format": "hf-target", "source": source, "output_dir": str(out), "files": files,
             "architectures": config.get("architectures"), "num_hidden_layers": config.get("num_hidden_layers"),
             "vocab_size": config.get("vocab_size"), "dtype": dtype, "seconds": round(time.perf_counter() - t0, 1)}

@@ -64,3 +64,19 @@ def test_check_target_dir_refuses_a_quantization_config(tiny_hf_dir, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantization_config"):
         check_target_dir(out)
+
+
+def test_a_random_target_is_exported_at_its_configured_size(tmp_path):
+    """format=hf-target of a random:<family> target builds it from target.random_config (it used the
+    family's full-size defaults: a 284B DeepSeek-V4, killed for memory) with target.tokenizer."""
+    from tests.tiny import tiny_config
+
+    cfg = tiny_config("deepseek_v4", vocab_size=49152)
+    summary = export_target("random:deepseek_v4", tmp_path / "t", random_config=cfg,
+                            tokenizer_source="embedded:smollm2-135m-instruct")
+    written = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert (written["hidden_size"], written["num_hidden_layers"]) == (cfg["hidden_size"], cfg["num_hidden_layers"])
+    assert (tmp_path / "t" / "model.safetensors").stat().st_size < 64 * 2**20
+    assert "tokenizer.json" in summary["files"] and not any(f.startswith(".") for f in summary["files"])
+    with pytest.raises(ValueError, match="target.tokenizer"):
+        export_target("random:deepseek_v4", tmp_path / "u", random_config=cfg)
