@@ -56,18 +56,17 @@ from data_tools.cache import (
     write_shard,
 )
 from data_tools.features import cache_identity
-from data_tools.jsonl import atomic_write_text, iter_jsonl, write_jsonl_atomic
+from data_tools.jsonl import iter_jsonl, write_jsonl_atomic
 from data_tools.regenerate import (
     OUTPUT_FILE,
-    STATE_FILE,
     InputRow,
     RowResult,
     SamplingSettings,
-    _check_fingerprint,
     _check_rows,
     _cut_torn_tail,
     _summary,
     in_flight,
+    open_run_state,
     output_row,
     read_input_rows,
 )
@@ -212,12 +211,7 @@ class ChunkJournal:
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any]):
         self.dir = Path(folder)
-        state = self.dir / STATE_FILE
-        if state.exists():
-            _check_fingerprint(self.dir, json.loads(state.read_text()), fingerprint)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not state.exists():
-            atomic_write_text(state, json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
+        open_run_state(self.dir, fingerprint)
         self.path = self.dir / JOURNAL_FILE
         self.done: dict[int, dict[str, Any]] = {}
         self.shards: list[dict[str, Any]] = []

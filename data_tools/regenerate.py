@@ -195,6 +195,18 @@ def _input_row(index: int, obj: Any, split: str | None, file: Path, line_no: int
                     dict(row.get("meta") or {}), skip)
 
 
+def open_run_state(folder: Path, fingerprint: dict[str, Any], provenance: dict[str, Any] | None = None) -> None:
+    """A resumable run's state file in ``folder``: refuse a run whose fingerprint differs from the
+    recorded one (naming what changed), else create the folder and record it the first time."""
+    state_path = folder / STATE_FILE
+    if state_path.exists():
+        _check_fingerprint(folder, json.loads(state_path.read_text()), fingerprint)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not state_path.exists():
+        state = {"fingerprint": fingerprint, **({"provenance": provenance} if provenance else {})}
+        atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+
+
 class Journal:
     """Append-only record of finished rows in ``output_dir`` (see module docstring).
 
@@ -203,13 +215,7 @@ class Journal:
 
     def __init__(self, output_dir: Path, fingerprint: dict[str, Any], provenance: dict[str, Any] | None = None):
         self.dir = Path(output_dir)
-        state_path = self.dir / STATE_FILE
-        if state_path.exists():
-            _check_fingerprint(self.dir, json.loads(state_path.read_text()), fingerprint)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not state_path.exists():
-            state = {"fingerprint": fingerprint, **({"provenance": provenance} if provenance else {})}
-            atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+        open_run_state(self.dir, fingerprint, provenance)
         self.path = self.dir / JOURNAL_FILE
         self.done: dict[int, dict[str, Any]] = {}
         if self.path.exists():
