@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--vllm", action="store_true", help="compare with vLLM's extraction ($DEEPSPEC_VLLM_VENV)")
     p.add_argument("--dtype", default="bfloat16", help="--vllm: dtype of both engines")
     p.add_argument("--rounds", type=int, default=2, help="--vllm: timed rounds per engine, alternating")
+    p.add_argument("--final-state", default="auto", choices=("auto", "norm", "engine"),
+                   help="--vllm: the final state from the target's norm of vLLM's last state (norm) or from the "
+                        "model itself through deepspec's vLLM plugin (engine); as features.vllm_final_state")
     p.add_argument("--answers", type=int, default=4, help="--vllm: answers generated for the passes count")
     p.add_argument("--workdir", default="runs/features_vllm", help="--vllm: exported target, server log, files")
     p.add_argument("--block-size", type=int, default=None,

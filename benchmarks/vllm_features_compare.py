@@ -29,7 +29,7 @@ import torch
 
 from data_tools.features import extract_features
 from data_tools.tokenize import ChatSequence, tokenize_chat
-from data_tools.vllm_features import VllmExtractor, local_server, vllm_layer_ids
+from data_tools.vllm_features import VllmExtractor, final_state_source, local_server, vllm_layer_ids
 from deepspec.export import engine_check as ec
 from deepspec.runs import format_table
 from deepspec.targets import load_target
@@ -61,7 +61,7 @@ def generate(url: str, model: str, ids: list[int], max_tokens: int, salt: str) -
         return json.loads(r.read())
 
 
-def passes_per_answer(url, target, layers, questions: list[str], max_tokens: int) -> dict:
+def passes_per_answer(url, target, layers, questions: list[str], max_tokens: int, final: str = "norm") -> dict:
     """Target passes per answer token, regenerate-then-extract vs regenerate-and-extract (see above)."""
     rows, one_pass_feats, hf_feats = [], [], []
     for q in questions:
@@ -75,9 +75,9 @@ def passes_per_answer(url, target, layers, questions: list[str], max_tokens: int
         chat = tokenize_chat(target.tokenizer, [{"role": "user", "content": q},
                                                 {"role": "assistant", "content": gen["choices"][0]["text"]}])
         seq = ChatSequence(q[:16], "train", chat.input_ids, chat.loss_mask)
-        warm = VllmExtractor([url], target, layers, concurrency=1, cache_salt=salt)
+        warm = VllmExtractor([url], target, layers, concurrency=1, cache_salt=salt, final_state=final)
         one_pass_feats += warm([seq])
-        cold = VllmExtractor([url], target, layers, concurrency=1, cache_salt=uuid.uuid4().hex)
+        cold = VllmExtractor([url], target, layers, concurrency=1, cache_salt=uuid.uuid4().hex, final_state=final)
         cold([seq])
         hf_feats += extract_features(target, layers, [seq])
         n = len(seq.input_ids)
@@ -112,11 +112,13 @@ def compare(a, sequences, layers: list[int]) -> None:
     hf_ref = extract_features(ref, layers, seqs, a.batch_tokens)
     del ref
     t0 = time.perf_counter()
-    with local_server(target_dir, vllm_layer_ids(layers, target.num_layers), work / "hidden_states", dtype=a.dtype,
-                      max_model_len=2048, log=work / "vllm_server.log",
+    final = final_state_source(target, a.final_state)
+    with local_server(target_dir, vllm_layer_ids(layers, target.num_layers, final), work / "hidden_states",
+                      dtype=a.dtype, max_model_len=2048, log=work / "vllm_server.log", final=final,
                       extra=["--block-size", str(a.block_size)] if a.block_size else ()) as url:
-        print(f"vLLM server ready in {time.perf_counter() - t0:.0f} s (log {work / 'vllm_server.log'})")
-        ex = VllmExtractor([url], target, layers, concurrency=8, cache_salt=None)
+        print(f"vLLM server ready in {time.perf_counter() - t0:.0f} s (log {work / 'vllm_server.log'}); final state: "
+              f"{final} ({'the model gives it, deepspec plugin' if final == 'engine' else 'the target norm applied here'})")
+        ex = VllmExtractor([url], target, layers, concurrency=8, cache_salt=None, final_state=final)
         ex(seqs[:1])
         extract_features(target, layers, seqs[:1], a.batch_tokens)  # warm-ups
         hf_s, vllm_s = [], []
@@ -126,7 +128,7 @@ def compare(a, sequences, layers: list[int]) -> None:
             ex.cache_salt = f"round{r}"  # a cold prefix cache every round: each round computes every token
             vl, secs = timed(lambda: ex(seqs))
             vllm_s.append(secs)
-        passes = passes_per_answer(url, target, layers, _questions(a.answers), 128)
+        passes = passes_per_answer(url, target, layers, _questions(a.answers), 128, final)
     hf_tok_s, vllm_tok_s = tokens / (sum(hf_s) / len(hf_s)), tokens / (sum(vllm_s) / len(vllm_s))
     print(format_table([{"engine": "transformers (deepspec data features)", "dtype": a.dtype, "tokens": tokens,
                          "seconds/round": " ".join(f"{s:.2f}" for s in hf_s), "tok/s": round(hf_tok_s, 1)},

@@ -146,19 +146,22 @@ def _feature_extractor(cfg, target, layer_ids: list[int], extra: list[str] = ())
     if f.source != "vllm":
         yield None, "transformers"
         return
-    from data_tools.vllm_features import VllmExtractor, final_norm, local_server, vllm_layer_ids
+    from data_tools.vllm_features import VllmExtractor, final_norm, final_state_source, local_server, vllm_layer_ids
 
-    final_norm(target)  # refuses a target vLLM cannot serve before any server starts
+    final = final_state_source(target, str(f.vllm_final_state))  # refuses what vLLM cannot give before any server
+    if final == "norm":
+        final_norm(target)
     if f.vllm_urls:
-        yield VllmExtractor(list(f.vllm_urls), target, layer_ids, f.vllm_concurrency), "vllm"
+        yield VllmExtractor(list(f.vllm_urls), target, layer_ids, f.vllm_concurrency, final_state=final), "vllm"
         return
     work = Path(cfg.output_dir) / "vllm"
     model_dir = _hf_dir_for_vllm(cfg, work / "target")
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(cfg.target.dtype)]
     print0(f"[features] starting a vLLM server on {model_dir} ({dtype}); log {work / 'vllm_server.log'}")
-    with local_server(model_dir, vllm_layer_ids(layer_ids, target.num_layers), work / "hidden_states", dtype=dtype,
-                      max_model_len=cfg.data.max_seq_len + 1, log=work / "vllm_server.log", extra=extra) as url:
-        yield VllmExtractor([url], target, layer_ids, f.vllm_concurrency), "vllm"
+    with local_server(model_dir, vllm_layer_ids(layer_ids, target.num_layers, final), work / "hidden_states",
+                      dtype=dtype, max_model_len=cfg.data.max_seq_len + 1, log=work / "vllm_server.log", extra=extra,
+                      final=final) as url:
+        yield VllmExtractor([url], target, layer_ids, f.vllm_concurrency, final_state=final), "vllm"
 
 
 def _hf_dir_for_vllm(cfg, out: Path) -> Path:

@@ -262,10 +262,12 @@ class HybridSource(OnlineSource):
 def open_feature_source(input_path: str | Path, target, layer_ids: Sequence[int], mode: str,
                         split: str = "train", max_seq_len: int = 2048, cache_dir: str | Path | None = None,
                         storage_dtype: str = "bf16", batch_tokens: int = 8192, shard_tokens: int = 262144,
-                        verify: str = "lazy", vllm_urls: Sequence[str] = (), vllm_concurrency: int = 8) -> FeatureSource:
+                        verify: str = "lazy", vllm_urls: Sequence[str] = (), vllm_concurrency: int = 8,
+                        vllm_final_state: str = "auto") -> FeatureSource:
     """The feature source the trainer reads (see the module docstring)."""
     (view,) = open_feature_splits(input_path, target, layer_ids, mode, (split,), max_seq_len, cache_dir,
-                                  storage_dtype, batch_tokens, shard_tokens, verify, vllm_urls, vllm_concurrency)
+                                  storage_dtype, batch_tokens, shard_tokens, verify, vllm_urls, vllm_concurrency,
+                                  vllm_final_state)
     return view
 
 
@@ -273,7 +275,8 @@ def open_feature_splits(input_path: str | Path, target, layer_ids: Sequence[int]
                         splits: Sequence[str] = ("train", "heldout"), max_seq_len: int = 2048,
                         cache_dir: str | Path | None = None, storage_dtype: str = "bf16",
                         batch_tokens: int = 8192, shard_tokens: int = 262144, verify: str = "lazy",
-                        vllm_urls: Sequence[str] = (), vllm_concurrency: int = 8) -> tuple[SplitView, ...]:
+                        vllm_urls: Sequence[str] = (), vllm_concurrency: int = 8,
+                        vllm_final_state: str = "auto") -> tuple[SplitView, ...]:
     """One view per split over a single source (a hybrid source's splits share its cache_dir shards)."""
     if mode not in ("cache", "online", "hybrid", "vllm"):
         raise ValueError(f"features.source={mode!r}; choose cache, online, hybrid or vllm")
@@ -295,7 +298,8 @@ def open_feature_splits(input_path: str | Path, target, layer_ids: Sequence[int]
         if mode == "vllm":
             from data_tools.vllm_features import VllmExtractor
 
-            extractor = VllmExtractor(vllm_urls, target, target.check_layer_ids(layer_ids), vllm_concurrency)
+            extractor = VllmExtractor(vllm_urls, target, target.check_layer_ids(layer_ids), vllm_concurrency,
+                                      final_state=str(vllm_final_state))
         if mode == "online" or (mode == "vllm" and not cache_dir):
             source = OnlineSource(sequences, target, layer_ids, max_seq_len, batch_tokens, extractor)
         elif not cache_dir:

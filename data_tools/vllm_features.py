@@ -13,9 +13,17 @@ output of decoder layer k (`transformers`' `hidden_states[k+1]`). vLLM's aux id 
 stream after j decoder layers (`hidden_states + residual` before layer j runs, the embeddings for
 j = 0), so deepspec k is vLLM k + 1. vLLM sorts and de-duplicates the ids, and the rows of its file
 follow that order. The final hidden state (post final norm, where p_t comes from) is not an aux
-state: vLLM id L (after the last of L layers, before the final norm) is extracted as well and the
-target's own final norm is applied here, which is why the resident target (its norm and its
-tokenizer) is still loaded by the process that reads the features.
+state; it comes one of two ways (`final_state_source`, setting `features.vllm_final_state`):
+
+- `norm` (stock vLLM, every decoder with a final `norm`): vLLM id L (after the last of L layers,
+  before the final norm) is extracted and the target's own final norm is applied here;
+- `engine`: deepspec's vLLM plugin (`vllm_plugin/deepspec_vllm_final_state.py`) makes the model
+  return its own final state as id L + 1. DeepSeek-V4 needs it: its aux states are the mean of its
+  4 mHC streams, while its final state mixes them through `hc_head` before the norm, which no
+  function of the mean can reproduce. `auto` picks `engine` for V4 and `norm` elsewhere.
+
+The resident target (its norm and its tokenizer) is still loaded by the process that reads the
+features.
 
 Servers: `server_command` builds the command (`launch/vllm_features.sh` runs it on a node);
 `local_server` starts one from the separate vLLM environment ($DEEPSPEC_VLLM_VENV) when no
@@ -50,31 +58,80 @@ from deepspec.features import SequenceFeatures
 PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"
 CONNECTOR_MODULE = "deepspec_vllm_connector"
 CONNECTOR_CLASS = "DeepspecHiddenStatesConnector"
+FINAL_STATE_ENV = "DEEPSPEC_VLLM_FINAL_STATE"  # read by vllm_plugin/deepspec_vllm_final_state.py
+FINAL_STATE_SOURCES = ("auto", "norm", "engine")
 
 
-def vllm_layer_ids(layer_ids: Sequence[int], num_layers: int) -> list[int]:
+def final_state_source(target, setting: str = "auto") -> str:
+    """Where the final hidden state of ``target`` comes from through vLLM: "norm" (vLLM id L + the
+    target's final norm, applied here) or "engine" (the model's own, id L + 1, from deepspec's plugin);
+    ``setting`` is features.vllm_final_state. Raises for what vLLM cannot give."""
+    return resolve_final_state(target.shapes.model_type, target.name, target.stream_collapse, setting)
+
+
+def resolve_final_state(model_type: str, name: str, stream_collapse: str, setting: str = "auto") -> str:
+    """`final_state_source` from the target's model type, name and target.stream_collapse alone (no weights)."""
+    setting = str(setting)
+    if setting not in FINAL_STATE_SOURCES:
+        raise ValueError(f"features.vllm_final_state={setting!r}; choose one of {FINAL_STATE_SOURCES}")
+    if model_type == "deepseek_v4":
+        if setting == "norm":
+            raise ValueError(f"target {name}: features.vllm_final_state=norm cannot give DeepSeek-V4's final "
+                             f"hidden state: vLLM's aux states are the mean of the 4 mHC streams and the final state "
+                             f"mixes them through hc_head first; use features.vllm_final_state=engine (or auto)")
+        if str(stream_collapse) != "mean":
+            raise ValueError(f"target {name}: vLLM's DeepSeek-V4 averages the 4 mHC streams of every aux "
+                             f"state, so features.source=vllm matches target.stream_collapse=mean only (this "
+                             f"recipe has {stream_collapse}); set target.stream_collapse=mean or extract "
+                             f"with transformers (features.source=online/hybrid, `deepspec data features`)")
+        return "engine"
+    return "engine" if setting == "engine" else "norm"
+
+
+def vllm_layer_ids(layer_ids: Sequence[int], num_layers: int, final: str = "norm") -> list[int]:
     """vLLM's aux-state ids (sorted, as vLLM orders its rows) for deepspec taps ``layer_ids`` of an
-    ``num_layers``-layer target, plus id ``num_layers`` for the final hidden state."""
+    ``num_layers``-layer target, plus the final state's id: ``num_layers`` (pre-norm) for
+    ``final="norm"``, ``num_layers + 1`` (deepspec's plugin) for ``final="engine"``."""
     for k in layer_ids:
         if not 0 <= int(k) < num_layers:
             raise ValueError(f"layer id {k} is outside the target's {num_layers} decoder layers (0..{num_layers - 1})")
-    return sorted({int(k) + 1 for k in layer_ids} | {num_layers})
+    if final not in ("norm", "engine"):
+        raise ValueError(f"final={final!r}: 'norm' or 'engine'")
+    return sorted({int(k) + 1 for k in layer_ids} | {num_layers + (final == "engine")})
 
 
-def feature_rows(layer_ids: Sequence[int], num_layers: int) -> tuple[list[int], int]:
-    """Where each deepspec tap (in ``layer_ids`` order) and the pre-norm final state sit along the
-    second axis of a vLLM hidden-states file written for ``vllm_layer_ids(layer_ids, num_layers)``."""
-    ids = vllm_layer_ids(layer_ids, num_layers)
-    return [ids.index(int(k) + 1) for k in layer_ids], ids.index(num_layers)
+def feature_rows(layer_ids: Sequence[int], num_layers: int, final: str = "norm") -> tuple[list[int], int]:
+    """Where each deepspec tap (in ``layer_ids`` order) and the final state sit along the second axis of
+    a vLLM hidden-states file written for ``vllm_layer_ids(layer_ids, num_layers, final)``."""
+    ids = vllm_layer_ids(layer_ids, num_layers, final)
+    return [ids.index(int(k) + 1) for k in layer_ids], ids.index(num_layers + (final == "engine"))
+
+
+def model_architectures(model: str | Path) -> list[str]:
+    """The `architectures` of an HF model directory's config.json (what vLLM picks its class by)."""
+    path = Path(model) / "config.json"
+    try:
+        archs = json.loads(path.read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise ValueError(f"features.vllm_final_state=engine wraps the model class vLLM picks from "
+                         f"`architectures` in {path}, which cannot be read ({e}): pass the target as an HF "
+                         f"directory") from e
+    if not archs:
+        raise ValueError(f"{path} names no `architectures`; vLLM needs one to pick the model class")
+    return [str(a) for a in archs]
 
 
 def server_command(python: str, model: str, aux_ids: Sequence[int], storage: str | Path, port: int,
                    host: str = "0.0.0.0", dtype: str = "auto", served_name: str | None = None,
-                   max_model_len: int = 4096, extra: Sequence[str] = ()) -> list[str]:
+                   max_model_len: int = 4096, extra: Sequence[str] = (),
+                   final_state_archs: Sequence[str] = ()) -> list[str]:
     """argv of a vLLM OpenAI server that extracts ``aux_ids`` into ``storage`` (a folder the
     readers see); no ``aux_ids``: a plain server (no extraction). ``extra``: further vLLM flags
-    (tensor/expert parallel, quantization, ...)."""
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
+    (tensor/expert parallel, quantization, ...). ``final_state_archs``: the model classes deepspec's
+    plugin gives the final state (aux id L + 1), set through `env` at the head of the command so the
+    printed line is complete."""
+    head = ["env", f"{FINAL_STATE_ENV}={','.join(final_state_archs)}"] if final_state_archs else []
+    cmd = [*head, python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
            "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
            "--enable-prompt-tokens-details"]
     if aux_ids:
@@ -89,7 +146,8 @@ def server_command(python: str, model: str, aux_ids: Sequence[int], storage: str
 
 
 def server_env(base: dict | None = None) -> dict:
-    """Environment of a vLLM server process: the connector's folder on PYTHONPATH."""
+    """Environment of a vLLM server process: the plugin folder (connector, final-state plugin and its
+    entry point) on PYTHONPATH."""
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIR), env.get("PYTHONPATH", "")) if p)
     return env
@@ -122,12 +180,14 @@ def _get_json(url: str, timeout: float = 10.0) -> dict:
 @contextlib.contextmanager
 def local_server(model: str | Path, aux_ids: Sequence[int], storage: str | Path, dtype: str = "auto",
                  max_model_len: int = 4096, log: str | Path | None = None, ready_timeout_s: float = 1800.0,
-                 extra: Sequence[str] = ()) -> Iterator[str]:
+                 extra: Sequence[str] = (), final: str = "norm") -> Iterator[str]:
     """A vLLM server on this machine for the duration of the block; yields its URL. CPU defaults
-    (eager mode, 2 GiB of KV cache) unless the caller's environment sets them."""
+    (eager mode, 2 GiB of KV cache) unless the caller's environment sets them. ``final="engine"``:
+    the model gives its own final state as aux id L + 1 (deepspec's plugin)."""
     port = _free_port()
+    archs = model_architectures(model) if final == "engine" else ()
     cmd = server_command(str(vllm_python()), str(model), aux_ids, storage, port, host="127.0.0.1", dtype=dtype,
-                         max_model_len=max_model_len, extra=["--enforce-eager", *extra])
+                         max_model_len=max_model_len, extra=["--enforce-eager", *extra], final_state_archs=archs)
     env = server_env()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.pop("DS_ACCELERATOR", None)
@@ -182,20 +242,13 @@ def read_hidden_states(path: str | Path, remove: bool = True) -> tuple[torch.Ten
 
 
 def final_norm(target) -> torch.nn.Module:
-    """The target's final norm, applied here to vLLM's last (pre-norm) hidden state; raises for targets
-    whose final state vLLM's aux states cannot give."""
-    if target.shapes.model_type == "deepseek_v4":
-        raise NotImplementedError(
-            f"target {target.name}: features.source=vllm cannot give DeepSeek-V4's final hidden state: vLLM's "
-            f"V4 model returns aux state k+1 as the mean of the 4 mHC streams after layer k (deepspec's tap k "
-            f"with stream_collapse=mean), but its final state goes through hc_head on the 4 streams, which "
-            f"a mean cannot be mapped back through, and p_t comes from it. Build the V4 cache with "
-            f"`deepspec data features` (transformers) or features.source=online/hybrid")
+    """The target's final norm, applied here to vLLM's last (pre-norm) hidden state (final state "norm")."""
     decoder = target.model.get_decoder() if hasattr(target.model, "get_decoder") else target.model
     norm = getattr(decoder, "norm", None)
     if norm is None:
         raise ValueError(f"target {target.name}: no final norm (`model.norm`) to apply to vLLM's last hidden "
-                         f"state; features.source=vllm supports decoder models with a final `norm`")
+                         f"state; set features.vllm_final_state=engine (the model's own final state, through "
+                         f"deepspec's vLLM plugin)")
     return norm
 
 
@@ -205,16 +258,17 @@ class VllmExtractor:
     `data_tools.features.extract_features`. Counts what the servers computed (``stats``)."""
 
     def __init__(self, urls: Sequence[str], target, layer_ids: Sequence[int], concurrency: int = 8,
-                 timeout_s: float = 600.0, cache_salt: str | None = None):
+                 timeout_s: float = 600.0, cache_salt: str | None = None, final_state: str = "auto"):
         if not urls:
             raise ValueError("features.source=vllm needs features.vllm_urls=[http://HOST:PORT, ...] (servers started "
                              "with launch/vllm_features.sh), or none in `deepspec data features` to start one here")
-        self.final_norm = final_norm(target)
+        self.final = final_state_source(target, final_state)
+        self.final_norm = final_norm(target) if self.final == "norm" else None
         self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
         self.target, self.layer_ids = target, [int(k) for k in layer_ids]
         self.num_layers = target.num_layers
-        self.aux_ids = vllm_layer_ids(self.layer_ids, self.num_layers)
-        self.tap_rows, self.final_row = feature_rows(self.layer_ids, self.num_layers)
+        self.aux_ids = vllm_layer_ids(self.layer_ids, self.num_layers, self.final)
+        self.tap_rows, self.final_row = feature_rows(self.layer_ids, self.num_layers, self.final)
         self.concurrency, self.timeout_s = max(1, int(concurrency)), timeout_s
         self.cache_salt = cache_salt  # vLLM reuses cached prefixes only between requests with the same salt
         self.models = {u: self._served_model(u) for u in self.urls}
@@ -273,17 +327,20 @@ class VllmExtractor:
                                     f"server's shared_storage_path must be a folder both see") from e
         if layers is not None and layers != self.aux_ids:
             raise ValueError(f"vLLM server {url} extracts vLLM layers {layers}; this recipe's taps "
-                             f"{self.layer_ids} + the final state need {self.aux_ids}: restart it with "
-                             f"launch/vllm_features.sh for this recipe")
+                             f"{self.layer_ids} + the final state ({self.final}) need {self.aux_ids}: restart it "
+                             f"with launch/vllm_features.sh for this recipe")
         return reply, hidden, got_ids
 
     @torch.no_grad()
     def features(self, hidden_TND: torch.Tensor, ids_T: torch.Tensor, loss_mask: list[bool]) -> SequenceFeatures:
-        """SequenceFeatures of one sequence from its rows of a hidden-states file (taps picked, the
-        target's final norm applied to vLLM's pre-norm last state), in the target's dtype and device."""
+        """SequenceFeatures of one sequence from its rows of a hidden-states file (taps picked; the final
+        state as the model gave it, or the target's final norm of vLLM's pre-norm last state), in the
+        target's dtype and device."""
         device, dtype = self.target.device, self.target.dtype
         hidden_TND = hidden_TND.to(device=device, dtype=dtype)
-        final = self.final_norm(hidden_TND[:, self.final_row])  # vLLM id L is pre-norm
+        final = hidden_TND[:, self.final_row]
+        if self.final_norm is not None:
+            final = self.final_norm(final)  # vLLM id L is pre-norm
         return SequenceFeatures(ids_T.to(device), torch.tensor(loss_mask, dtype=torch.bool, device=device),
                                 hidden_TND[:, self.tap_rows].clone(), final)
 
@@ -304,9 +361,12 @@ def serve_command_for_recipe(overrides: Sequence[str], model: str, storage: str,
 
     cfg = compose(list(overrides))
     shapes = target_shapes(cfg)
-    aux = vllm_layer_ids(_layer_ids(cfg, shapes), shapes.num_layers)
+    final = resolve_final_state(shapes.model_type, str(cfg.target.name), cfg.target.stream_collapse,
+                                cfg.features.vllm_final_state)
+    aux = vllm_layer_ids(_layer_ids(cfg, shapes), shapes.num_layers, final)
+    archs = model_architectures(model) if final == "engine" else ()
     return server_command(python, model, aux, storage, port, max_model_len=cfg.data.max_seq_len + 1,
-                          served_name=str(cfg.target.name), extra=extra), aux
+                          served_name=str(cfg.target.name), extra=extra, final_state_archs=archs), aux
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -326,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--python", default="python", help="the vLLM environment's python")
     a, overrides = p.parse_known_args(argv)
     cmd, aux = serve_command_for_recipe(overrides, a.model, a.storage, a.port, a.python, extra)
-    print(f"# vLLM ids {aux} (deepspec taps + 1, and the final state)", file=sys.stderr)
+    print(f"# vLLM ids {aux} (deepspec taps + 1, and the final state: the last id)", file=sys.stderr)
     print(shlex.join(cmd))
 
 

@@ -50,6 +50,14 @@ class FeatureMode(Choice):
     vllm = "vllm"  # vLLM servers extract them (features.vllm_urls); with features.cache_dir, kept as in hybrid
 
 
+class VllmFinalState(Choice):
+    """Where features.source=vllm takes the target's final hidden state from (data_tools/vllm_features.py)."""
+
+    auto = "auto"  # engine for DeepSeek-V4, norm elsewhere
+    norm = "norm"  # vLLM's state after the last layer + the target's final norm, applied by deepspec
+    engine = "engine"  # the model's own final state, returned by deepspec's vLLM plugin
+
+
 class StorageDtype(Choice):
     fp32 = "fp32"
     bf16 = "bf16"

@@ -33,6 +33,7 @@ from deepspec.choices import (
     StreamCollapse,
     TorchDtype,
     VerifyKernel,
+    VllmFinalState,
     WandbMode,
     WarmStart,
 )
@@ -135,6 +136,9 @@ class FeaturesConfig:
     vllm_urls: list[str] = field(default_factory=list)
     vllm_concurrency: int = 8  # requests in flight across the servers
     vllm_tokens_per_s: Optional[float] = None  # `deepspec plan`: feature tokens/s of one vLLM server (a node)
+    # the final hidden state: auto (engine for DeepSeek-V4, norm elsewhere), norm (vLLM's last-layer state + the
+    # target's final norm), engine (the model's own, through deepspec's vLLM plugin; docs/data.md)
+    vllm_final_state: VllmFinalState = VllmFinalState.auto
     # `deepspec data features` with source=vllm: input= is prompts; each answer is generated (regen settings) and
     # its features extracted by the same vLLM passes; writes regenerated.jsonl beside the cache
     regenerate: bool = False

@@ -72,6 +72,22 @@ def test_vllm_layer_numbering_and_features_equal_transformers(target_dir, target
         torch.testing.assert_close(g.final_TD, w.final_TD, rtol=2e-3, atol=2e-3)
 
 
+def test_model_final_state_through_the_plugin(target_dir, target, tmp_path):
+    """features.vllm_final_state=engine: deepspec's vLLM plugin (found through its entry point on
+    PYTHONPATH, in vLLM's spawned worker) makes the model return its own final state as id L + 1, the
+    way DeepSeek-V4's features get theirs; on SmolLM2 it must equal the resident target's final state."""
+    seqs, _, _ = load_sequences(write_regenerated(tmp_path / "reg", 2), target.tokenizer, 256)
+    aux = vllm_layer_ids(TAPS, target.num_layers, "engine")
+    assert aux[-1] == target.num_layers + 1
+    with local_server(target_dir, aux, tmp_path / "hs", dtype="float32", max_model_len=1024, final="engine") as url:
+        feats = VllmExtractor([url], target, TAPS, final_state="engine")(seqs)
+    log = (tmp_path / "hs" / "vllm_server.log").read_text()
+    assert f"deepspec plugin: LlamaForCausalLM gives its final hidden state as aux id {aux[-1]}" in log
+    for g, w in zip(feats, extract_features(target, TAPS, seqs), strict=True):
+        torch.testing.assert_close(g.taps_TMD, w.taps_TMD, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(g.final_TD, w.final_TD, rtol=2e-3, atol=2e-3)
+
+
 def _raw(url: str, ids: list[int]) -> torch.Tensor:
     """One request's hidden states [T, ids, D] as vLLM wrote them (every aux id the server extracts)."""
     import urllib.request

@@ -90,7 +90,8 @@ def test_cross_field_problems_fail_at_compose(override, message):
 
 def test_enumerations_match_the_library_checks():
     from data_tools.cache import STORAGE_DTYPES
-    from deepspec.choices import BudgetScheduler, StorageDtype, StreamCollapse
+    from data_tools.vllm_features import FINAL_STATE_SOURCES
+    from deepspec.choices import BudgetScheduler, StorageDtype, StreamCollapse, VllmFinalState
     from deepspec.drafters.layers import BACKBONES
     from deepspec.drafters.registry import KINDS
     from deepspec.drafters.spec import Backbone, Kind
@@ -101,6 +102,7 @@ def test_enumerations_match_the_library_checks():
 
     assert set(StorageDtype) == set(STORAGE_DTYPES) == set(STORAGE_BYTES)
     assert set(StreamCollapse) == set(COLLAPSE_RULES)
+    assert set(VllmFinalState) == set(FINAL_STATE_SOURCES)
     assert set(BudgetScheduler) == set(SCHEDULERS)
     assert set(Backbone) == set(BACKBONES)
     assert set(Kind) == set(KINDS)

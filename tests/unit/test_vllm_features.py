@@ -29,7 +29,15 @@ from safetensors.torch import save_file
 from data_tools.cache import FeatureCache
 from data_tools.features import extract_features, open_feature_splits, write_feature_cache
 from data_tools.tokenize import load_sequences
-from data_tools.vllm_features import VllmExtractor, feature_rows, read_hidden_states, vllm_layer_ids
+from data_tools.vllm_features import (
+    VllmExtractor,
+    feature_rows,
+    final_state_source,
+    read_hidden_states,
+    resolve_final_state,
+    server_command,
+    vllm_layer_ids,
+)
 from tests.tiny import chat_target, cli_overrides, tiny_target
 from tests.unit.test_features import write_regenerated
 
@@ -43,6 +51,67 @@ def test_layer_id_translation():
     assert taps == [1, 0] and final == 2  # rows of [1, 3, 4]: layer 2 -> id 3 (row 1), layer 0 -> id 1 (row 0)
     with pytest.raises(ValueError, match="outside the target's 4 decoder layers"):
         vllm_layer_ids([4], 4)
+    # the model's own final state (deepspec's vLLM plugin): id L + 1, always the last row
+    assert vllm_layer_ids([2, 0], 4, final="engine") == [1, 3, 5]
+    assert feature_rows([2, 0], 4, final="engine") == ([1, 0], 2)
+    assert vllm_layer_ids([3], 4, final="engine") == [4, 5]  # the last layer's output and the final state
+
+
+def test_final_state_source_per_target():
+    assert resolve_final_state("llama", "t", "mean") == "norm"  # stock vLLM + the target's norm
+    assert resolve_final_state("llama", "t", "mean", "engine") == "engine"
+    assert resolve_final_state("deepseek_v4", "t", "mean") == "engine"  # hc_head: only the model can give it
+    with pytest.raises(ValueError, match="vllm_final_state=norm cannot give DeepSeek-V4"):
+        resolve_final_state("deepseek_v4", "t", "mean", "norm")
+    with pytest.raises(ValueError, match="stream_collapse=mean only"):
+        resolve_final_state("deepseek_v4", "t", "first")
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_final_state("llama", "t", "mean", "pre-norm")
+
+
+def test_deepseek_v4_features_through_server_equal_resident_target(tmp_path):
+    """V4 through vLLM: taps = the mean of the 4 streams (target.stream_collapse=mean), final state = the
+    model's own (hc_head + norm) from id L + 1; equal to the resident transformers V4's features."""
+    v4 = tiny_target("deepseek_v4")
+    assert v4.stream_collapse == "mean" and final_state_source(v4) == "engine"
+    layers = [v4.num_layers - 1, 1]
+    server = FakeVllm(v4, vllm_layer_ids(layers, v4.num_layers, "engine"), tmp_path / "hs")
+    try:
+        seqs = [_seq(v4, n) for n in (9, 14)]
+        got = VllmExtractor([server.url], v4, layers)(seqs)
+    finally:
+        server.close()
+    want = extract_features(v4, layers, seqs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.taps_TMD, w.taps_TMD, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.final_TD, w.final_TD, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_final_state_equals_norm_of_last_layer(target, tmp_path):
+    """features.vllm_final_state=engine on an ordinary decoder: the same features as the stock path."""
+    server = FakeVllm(target, vllm_layer_ids(LAYERS, target.num_layers, "engine"), tmp_path / "hs")
+    try:
+        seqs, _, _ = load_sequences(write_regenerated(tmp_path / "reg", 2), target.tokenizer, 256)
+        got = VllmExtractor([server.url], target, LAYERS, final_state="engine")(seqs)
+        with pytest.raises(ValueError, match=r"\(norm\) need \[1, 3, 4\]"):  # a server started for the other
+            VllmExtractor([server.url], target, LAYERS)(seqs[:1])
+    finally:
+        server.close()
+    for g, w in zip(got, extract_features(target, LAYERS, seqs), strict=True):
+        torch.testing.assert_close(g.final_TD, w.final_TD, rtol=1e-5, atol=1e-5)
+
+
+def _seq(target, n: int):
+    from data_tools.tokenize import ChatSequence
+
+    ids = torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(n))
+    return ChatSequence(row_id=f"r{n}", split="train", input_ids=ids.tolist(), loss_mask=[i >= n // 2 for i in range(n)])
+
+
+def test_server_command_names_the_wrapped_model_class():
+    cmd = server_command("py", "/m", [2, 5], "/hs", 8000, final_state_archs=["DeepseekV4ForCausalLM"])
+    assert cmd[:3] == ["env", "DEEPSPEC_VLLM_FINAL_STATE=DeepseekV4ForCausalLM", "py"]
+    assert "DEEPSPEC_VLLM_FINAL_STATE" not in " ".join(server_command("py", "/m", [2, 5], "/hs", 8000))
 
 
 class FakeVllm:
@@ -99,13 +168,14 @@ class FakeVllm:
                 break
             logits = self.target.model(input_ids=torch.tensor([prompt + gen])).logits
             gen.append(int(logits[0, -1].argmax()))
-        finish = "stop" if gen[-1] == self.target.tokenizer.eos_token_id else "length"
+        tok = self.target.tokenizer
+        finish = "stop" if tok is not None and gen[-1] == tok.eos_token_id else "length"
         cached = max((_common(prompt, s) for s in self.seen), default=0)
         cached = min(cached, len(prompt) - 1) // self.block * self.block
         self.seen.append(prompt + gen)
         output = (body.get("kv_transfer_params") or {}).get("include_output_tokens")
         path = self.write((prompt + gen)[:-1] if output else prompt)
-        return {"choices": [{"text": self.target.tokenizer.decode(gen, skip_special_tokens=True),
+        return {"choices": [{"text": tok.decode(gen, skip_special_tokens=True) if tok is not None else "",
                              "token_ids": gen if body.get("return_token_ids") else None, "finish_reason": finish}],
                 "kv_transfer_params": {"hidden_states_path": path},
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(gen),
@@ -120,11 +190,15 @@ class FakeVllm:
                                                                                          isinstance(out, tuple) else out))
                  for j, layer in enumerate(layers)]
         try:
-            model.get_decoder()(input_ids=torch.tensor([ids]))
+            out = model.get_decoder()(input_ids=torch.tensor([ids]))
         finally:
             for h in hooks:
                 h.remove()
-        hidden = torch.stack([states[j][0] for j in self.aux_ids], dim=1)  # [T, ids, D]
+        # id L + 1: the model's own final state, as deepspec's vLLM plugin appends it
+        states[len(layers) + 1] = out.last_hidden_state
+        # DeepSeek-V4's layers return its 4 mHC streams [B, S, 4, D]: vLLM's aux state is their mean
+        hidden = torch.stack([states[j][0] if states[j].dim() == 3 else states[j][0].mean(dim=1)
+                              for j in self.aux_ids], dim=1)  # [T, ids, D]
         self.count += 1
         path = self.storage / f"req-{self.count}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +287,8 @@ def test_server_with_other_layers_or_none_is_refused(target, tmp_path):
     with pytest.raises(ValueError, match="features.vllm_urls"):
         VllmExtractor([], target, LAYERS)
     v4 = tiny_target("deepseek_v4")
-    with pytest.raises(NotImplementedError, match="hc_head"):  # before any server is contacted
-        VllmExtractor(["http://127.0.0.1:9"], v4, [1])
+    with pytest.raises(ValueError, match="hc_head"):  # before any server is contacted
+        VllmExtractor(["http://127.0.0.1:9"], v4, [1], final_state="norm")
 
 
 def test_read_waits_for_the_writer_lock(tmp_path):
