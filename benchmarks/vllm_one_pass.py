@@ -55,8 +55,8 @@ class SaltedEngine(OpenAIEngine):
         super().__init__(*args, **kwargs)
         self.salt, self.computed = salt, 0
 
-    def _payload(self, messages):
-        return json.dumps({**json.loads(super()._payload(messages)), "cache_salt": self.salt}).encode()
+    def _payload(self, messages, token_ids):
+        return json.dumps({**json.loads(super()._payload(messages, token_ids)), "cache_salt": self.salt}).encode()
 
     def _chat(self, messages, deadline):
         reply = super()._chat(messages, deadline)

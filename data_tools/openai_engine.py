@@ -15,6 +15,13 @@ error messages never include request headers.
 The thinking switch is sent as ``chat_template_kwargs: {"enable_thinking": ...}`` (the
 vLLM / SGLang extension); a reply's ``reasoning_content`` (servers with a reasoning
 parser) is kept on the assistant message.
+
+The generated token ids (``return_token_ids``, vLLM's extension; recorded as
+``meta.regen.answer_token_ids`` so training need not re-tokenize the text): ``True`` asks for
+them, ``False`` never does, ``None`` (auto, the default) asks until a server refuses a request
+with HTTP 400/422 that the same request without the field passes; from then on the field is
+no longer sent and rows are tokenized from their text. A 400 that the request without the field
+also gets (e.g. a prompt over the context) is the row's error, as before, and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import threading
 import time
 import urllib.error
@@ -33,6 +41,7 @@ from typing import Any
 from data_tools.regenerate import InputRow, RowResult, SamplingSettings, in_flight
 
 RETRY_STATUS = {408, 429}
+REFUSED_FIELD_STATUS = {400, 422}  # how OpenAI-compatible servers refuse a field they do not know
 
 
 def api_key_from_env(name: str | None) -> str | None:
@@ -50,6 +59,10 @@ class RequestFailed(RuntimeError):
     """A request that will not succeed by retrying (or ran out of retries / time)."""
 
 
+class RefusedRequest(RequestFailed):
+    """HTTP 400/422: the server refused the request as malformed (not retried)."""
+
+
 def chat_url(url: str) -> str:
     """``http://host:port``, ``.../v1`` or the full endpoint -> the full endpoint URL."""
     url = url.rstrip("/")
@@ -63,7 +76,7 @@ class OpenAIEngine:
 
     def __init__(self, urls: list[str], model: str, settings: SamplingSettings, api_key: str | None = None,
                  concurrency: int = 8, retries: int = 3, timeout_s: float = 300.0, backoff_s: float = 1.0,
-                 return_token_ids: bool = False):
+                 return_token_ids: bool | None = None):
         if not urls:
             raise ValueError("regen.engine=openai needs regen.urls=[http://host:port,...] "
                              "(OpenAI-compatible servers, e.g. `vllm serve`)")
@@ -80,7 +93,8 @@ class OpenAIEngine:
         self.retries = retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
-        self.return_token_ids = return_token_ids
+        self.return_token_ids = return_token_ids  # None: auto (see the module docstring)
+        self.token_ids_refused = False  # auto: a server refused the field; no longer sent
         self.identity: dict[str, Any] = {"engine": "openai", "name": model}
 
     def generate_rows(self, rows: list[InputRow]) -> Iterator[RowResult]:
@@ -102,7 +116,7 @@ class OpenAIEngine:
                 history = history + [assistant]
                 finish = reply["choices"][0].get("finish_reason") or "stop"
                 result.finish_reasons.append("length" if finish == "length" else "stop")
-                if self.return_token_ids:  # a server that ignores the field: [] (the text is tokenized)
+                if self.return_token_ids is not False:  # a server that ignores the field: [] (text tokenized)
                     result.token_ids.append([int(t) for t in reply["choices"][0].get("token_ids") or []])
                 result.new_tokens += int((reply.get("usage") or {}).get("completion_tokens") or 0)
         except (RequestFailed, KeyError, IndexError, TypeError, ValueError) as exc:
@@ -116,19 +130,40 @@ class OpenAIEngine:
             text = text.replace(self.api_key, "<api key>")
         return re.sub(r"\bsk-[\w*.-]+", "<api key>", text)
 
-    def _payload(self, messages: list[dict[str, Any]]) -> bytes:
+    def _asks_token_ids(self) -> bool:
+        return self.return_token_ids is True or (self.return_token_ids is None and not self.token_ids_refused)
+
+    def _payload(self, messages: list[dict[str, Any]], token_ids: bool) -> bytes:
         s = self.settings
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": s.max_new_tokens,
                                 "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
                                 "chat_template_kwargs": {"enable_thinking": s.thinking}}
         if s.top_k > 0:
             body["top_k"] = s.top_k
-        if self.return_token_ids:
+        if token_ids:
             body["return_token_ids"] = True
         return json.dumps(body).encode()
 
     def _chat(self, messages: list[dict[str, Any]], deadline: float) -> dict[str, Any]:
-        payload = self._payload(messages)
+        asks = self._asks_token_ids()
+        try:
+            return self._post(self._payload(messages, asks), deadline)
+        except RefusedRequest as refused:
+            if not (asks and self.return_token_ids is None):
+                raise RequestFailed(str(refused)) from None
+            try:  # auto: is it the field the server refuses?
+                reply = self._post(self._payload(messages, False), deadline)
+            except RefusedRequest:
+                raise RequestFailed(str(refused)) from None  # no: the request itself (e.g. over the context)
+            with self._lock:
+                first, self.token_ids_refused = not self.token_ids_refused, True
+            if first:
+                print(f"[regen] the server refused return_token_ids ({refused}); no longer asking: answers are "
+                      f"tokenized from their text (regen.return_token_ids=false skips the refused request)",
+                      file=sys.stderr, flush=True)
+            return reply
+
+    def _post(self, payload: bytes, deadline: float) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -146,6 +181,8 @@ class OpenAIEngine:
             except urllib.error.HTTPError as exc:
                 detail = self._scrub(exc.read()[:200].decode("utf-8", "replace"))
                 last = f"HTTP {exc.code} from {url}: {detail}"
+                if exc.code in REFUSED_FIELD_STATUS:
+                    raise RefusedRequest(last) from None
                 if exc.code not in RETRY_STATUS and exc.code < 500:
                     raise RequestFailed(last) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:

@@ -118,8 +118,9 @@ class RegenConfig:
     window_batches: int = 4  # engine=hf: rows are sorted by prompt length within batch_size * this
     dtype: RegenDtype = RegenDtype.auto  # engine=hf: auto = bf16 on AVX512-BF16/AMX CPUs and CUDA
     # engine=openai: ask the server for the generated token ids (vLLM's `return_token_ids`), kept in
-    # meta.regen.answer_token_ids so training uses them instead of re-tokenizing the text (docs/data.md)
-    return_token_ids: bool = False
+    # meta.regen.answer_token_ids so training uses them instead of re-tokenizing the text (docs/data.md);
+    # null (auto) = ask until a server refuses the field (HTTP 400/422), then stop asking; false = never
+    return_token_ids: Optional[bool] = None
 
 
 @dataclass

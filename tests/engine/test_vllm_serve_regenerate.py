@@ -135,15 +135,16 @@ def test_regenerate_through_vllm_serve(server, tmp_path):
 
 
 def test_return_token_ids_keeps_the_ids_vllm_generated(server, tmp_path):
-    """regen.return_token_ids=true: vLLM's chat endpoint returns the generated ids; the rows record them
-    and tokenization keeps them in place of the text's re-tokenization."""
+    """regen.return_token_ids by default (null: ask unless refused): vLLM's chat endpoint accepts the
+    field and returns the generated ids; the rows record them and tokenization keeps them in place of
+    the text's re-tokenization."""
     from transformers import AutoTokenizer
 
     from data_tools.tokenize import load_sequences
 
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in ROWS if isinstance(r, dict)) + "\n")
-    _, rows = _regenerate(server, src, tmp_path / "ids", ("regen.return_token_ids=true",))
+    _, rows = _regenerate(server, src, tmp_path / "ids")
     answered = [r for r in rows if r["status"] in ("success", "truncated")]
     assert answered and all(len(r["meta"]["regen"]["answer_token_ids"]) ==
                             sum(m["role"] == "assistant" for m in r["messages"]) for r in answered)

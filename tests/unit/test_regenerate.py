@@ -191,11 +191,12 @@ def test_sigkill_resume_every_row_once(tmp_path, target):
 
 
 class StubServer:
-    """A tiny OpenAI-compatible server: replies 'echo: <last user text>' with per-text behaviours."""
+    """A tiny OpenAI-compatible server: replies 'echo: <last user text>' with per-text behaviours;
+    ``strict``: refuses unknown fields (`return_token_ids`) with HTTP 400, as the OpenAI API does."""
 
-    def __init__(self, fail_first: dict[str, int], slow: set[str], bad: set[str]):
+    def __init__(self, fail_first: dict[str, int], slow: set[str], bad: set[str], strict: bool = False):
         self.requests: list[dict] = []
-        self.fail_first, self.slow, self.bad = dict(fail_first), slow, bad
+        self.fail_first, self.slow, self.bad, self.strict = dict(fail_first), slow, bad, strict
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -208,6 +209,8 @@ class StubServer:
                 last = body["messages"][-1]["content"]
                 if last in stub.bad:
                     return self._send(400, {"error": "context too long"})
+                if stub.strict and "return_token_ids" in body:
+                    return self._send(400, {"error": "Unrecognized request argument supplied: return_token_ids"})
                 if stub.fail_first.get(last, 0) > 0:
                     stub.fail_first[last] -= 1
                     return self._send(500, {"error": "busy"})
@@ -249,7 +252,7 @@ def test_openai_engine_retries_timeout_and_round_robin(tmp_path):
     write_jsonl_atomic(tmp_path / "in.jsonl", rows)
     settings = SamplingSettings(max_new_tokens=7, temperature=0.6, top_p=0.9, top_k=20, thinking=True)
     engine = OpenAIEngine(stub.urls, "served-model", settings, concurrency=3, retries=3, timeout_s=0.5,
-                          backoff_s=0.01)
+                          backoff_s=0.01, return_token_ids=False)
     try:
         summary = run_regeneration(tmp_path / "in.jsonl", tmp_path / "o", engine, settings, progress=False,
                                    max_error_fraction=1.0)  # 3 of 5 fail by design
@@ -287,3 +290,33 @@ def test_openai_engine_records_the_servers_token_ids_when_asked(tmp_path):
     (out,) = rows_of(tmp_path / "o" / OUTPUT_FILE)
     assert all(r["return_token_ids"] is True for r in stub.requests)
     assert out["meta"]["regen"]["answer_token_ids"] == [[3, 7, 2], [5, 7, 2]]  # per turn, as served
+
+
+def test_openai_engine_asks_for_token_ids_until_a_server_refuses_the_field(tmp_path):
+    """regen.return_token_ids=null (auto, the default): ids are asked for and kept where the server
+    returns them; a server that refuses the field costs one refused request, after which the field is
+    no longer sent; a 400 the request gets without the field too is the row's error and changes nothing."""
+    rows = [{"id": f"r{i}", "source": "s", "messages": [user(f"q{i}")], "meta": {}} for i in range(4)]
+    rows.append({"id": "bad", "source": "s", "messages": [user("too long")], "meta": {}})
+    write_jsonl_atomic(tmp_path / "in.jsonl", rows)
+    settings = SamplingSettings(max_new_tokens=7)
+    for strict in (False, True):
+        stub = StubServer(fail_first={}, slow=set(), bad={"too long"}, strict=strict)
+        engine = OpenAIEngine(stub.urls, "m", settings, concurrency=1)  # rows in order: "bad" comes last
+        try:
+            run_regeneration(tmp_path / "in.jsonl", tmp_path / f"o{strict}", engine, settings, progress=False,
+                             max_error_fraction=1.0)
+        finally:
+            stub.close()
+        out = {r["id"]: r for r in rows_of(tmp_path / f"o{strict}" / OUTPUT_FILE)}
+        assert out["bad"]["status"] == "error" and "context too long" in out["bad"]["error"]
+        asked = ["return_token_ids" in r for r in stub.requests]
+        if not strict:  # vLLM: every request asks, every answer keeps its ids
+            assert asked == [True] * 5 + [False] and engine.token_ids_refused is False
+            assert all(out[f"r{i}"]["meta"]["regen"]["answer_token_ids"] == [[2, 7, 2]] for i in range(4))
+            # "bad" last: once with the field, once without (the 400 stays: the row's error, ids still asked)
+        else:  # refused once, retried without the field, never sent again
+            assert asked[:2] == [True, False] and not any(asked[2:]) and engine.token_ids_refused is True
+            assert all(out[f"r{i}"]["status"] == "success" for i in range(4))
+            assert all("answer_token_ids" not in out[f"r{i}"]["meta"]["regen"] for i in range(4))
+            assert len(stub.requests) == 6  # 4 rows + the refused one + "bad" (sent once: the field is off)
