@@ -146,11 +146,9 @@ def _feature_extractor(cfg, target, layer_ids: list[int], extra: list[str] = ())
     if f.source != "vllm":
         yield None, "transformers"
         return
-    from data_tools.vllm_features import VllmExtractor, final_norm, final_state_source, local_server, vllm_layer_ids
+    from data_tools.vllm_features import VllmExtractor, final_state_source, local_server, vllm_layer_ids
 
-    final = final_state_source(target, str(f.vllm_final_state))  # refuses what vLLM cannot give before any server
-    if final == "norm":
-        final_norm(target)
+    final = final_state_source(target, f.vllm_final_state)  # refuses what vLLM cannot give before any server
     if f.vllm_urls:
         yield VllmExtractor(list(f.vllm_urls), target, layer_ids, f.vllm_concurrency, final_state=final), "vllm"
         return

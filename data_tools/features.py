@@ -299,7 +299,7 @@ def open_feature_splits(input_path: str | Path, target, layer_ids: Sequence[int]
             from data_tools.vllm_features import VllmExtractor
 
             extractor = VllmExtractor(vllm_urls, target, target.check_layer_ids(layer_ids), vllm_concurrency,
-                                      final_state=str(vllm_final_state))
+                                      final_state=vllm_final_state)
         if mode == "online" or (mode == "vllm" and not cache_dir):
             source = OnlineSource(sequences, target, layer_ids, max_seq_len, batch_tokens, extractor)
         elif not cache_dir:

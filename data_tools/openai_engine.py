@@ -150,11 +150,11 @@ class OpenAIEngine:
             return self._post(self._payload(messages, asks), deadline)
         except RefusedRequest as refused:
             if not (asks and self.return_token_ids is None):
-                raise RequestFailed(str(refused)) from None
+                raise
             try:  # auto: is it the field the server refuses?
                 reply = self._post(self._payload(messages, False), deadline)
             except RefusedRequest:
-                raise RequestFailed(str(refused)) from None  # no: the request itself (e.g. over the context)
+                raise refused from None  # no: the request itself (e.g. over the context)
             with self._lock:
                 first, self.token_ids_refused = not self.token_ids_refused, True
             if first:

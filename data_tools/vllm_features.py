@@ -65,8 +65,12 @@ FINAL_STATE_SOURCES = ("auto", "norm", "engine")
 def final_state_source(target, setting: str = "auto") -> str:
     """Where the final hidden state of ``target`` comes from through vLLM: "norm" (vLLM id L + the
     target's final norm, applied here) or "engine" (the model's own, id L + 1, from deepspec's plugin);
-    ``setting`` is features.vllm_final_state. Raises for what vLLM cannot give."""
-    return resolve_final_state(target.shapes.model_type, target.name, target.stream_collapse, setting)
+    ``setting`` is features.vllm_final_state. Raises for what vLLM cannot give (with "norm": a target
+    without a final norm)."""
+    final = resolve_final_state(target.shapes.model_type, target.name, target.stream_collapse, setting)
+    if final == "norm":
+        final_norm(target)
+    return final
 
 
 def resolve_final_state(model_type: str, name: str, stream_collapse: str, setting: str = "auto") -> str:
@@ -95,16 +99,21 @@ def vllm_layer_ids(layer_ids: Sequence[int], num_layers: int, final: str = "norm
     for k in layer_ids:
         if not 0 <= int(k) < num_layers:
             raise ValueError(f"layer id {k} is outside the target's {num_layers} decoder layers (0..{num_layers - 1})")
-    if final not in ("norm", "engine"):
-        raise ValueError(f"final={final!r}: 'norm' or 'engine'")
-    return sorted({int(k) + 1 for k in layer_ids} | {num_layers + (final == "engine")})
+    return sorted({int(k) + 1 for k in layer_ids} | {final_vllm_id(num_layers, final)})
 
 
 def feature_rows(layer_ids: Sequence[int], num_layers: int, final: str = "norm") -> tuple[list[int], int]:
     """Where each deepspec tap (in ``layer_ids`` order) and the final state sit along the second axis of
     a vLLM hidden-states file written for ``vllm_layer_ids(layer_ids, num_layers, final)``."""
     ids = vllm_layer_ids(layer_ids, num_layers, final)
-    return [ids.index(int(k) + 1) for k in layer_ids], ids.index(num_layers + (final == "engine"))
+    return [ids.index(int(k) + 1) for k in layer_ids], ids.index(final_vllm_id(num_layers, final))
+
+
+def final_vllm_id(num_layers: int, final: str) -> int:
+    """vLLM's id of the final state: L (pre-norm) for "norm", L + 1 (deepspec's plugin) for "engine"."""
+    if final not in ("norm", "engine"):
+        raise ValueError(f"final={final!r}: 'norm' or 'engine'")
+    return num_layers + (final == "engine")
 
 
 def model_architectures(model: str | Path) -> list[str]:
@@ -123,14 +132,13 @@ def model_architectures(model: str | Path) -> list[str]:
 
 def server_command(python: str, model: str, aux_ids: Sequence[int], storage: str | Path, port: int,
                    host: str = "0.0.0.0", dtype: str = "auto", served_name: str | None = None,
-                   max_model_len: int = 4096, extra: Sequence[str] = (),
-                   final_state_archs: Sequence[str] = ()) -> list[str]:
+                   max_model_len: int = 4096, extra: Sequence[str] = (), final: str = "norm") -> list[str]:
     """argv of a vLLM OpenAI server that extracts ``aux_ids`` into ``storage`` (a folder the
     readers see); no ``aux_ids``: a plain server (no extraction). ``extra``: further vLLM flags
-    (tensor/expert parallel, quantization, ...). ``final_state_archs``: the model classes deepspec's
-    plugin gives the final state (aux id L + 1), set through `env` at the head of the command so the
-    printed line is complete."""
-    head = ["env", f"{FINAL_STATE_ENV}={','.join(final_state_archs)}"] if final_state_archs else []
+    (tensor/expert parallel, quantization, ...). ``final="engine"``: deepspec's plugin gives the
+    model classes in ``model``'s config.json the final state (aux id L + 1), set through `env` at the
+    head of the command so the printed line is complete."""
+    head = ["env", f"{FINAL_STATE_ENV}={','.join(model_architectures(model))}"] if final == "engine" else []
     cmd = [*head, python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
            "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
            "--enable-prompt-tokens-details"]
@@ -185,9 +193,8 @@ def local_server(model: str | Path, aux_ids: Sequence[int], storage: str | Path,
     (eager mode, 2 GiB of KV cache) unless the caller's environment sets them. ``final="engine"``:
     the model gives its own final state as aux id L + 1 (deepspec's plugin)."""
     port = _free_port()
-    archs = model_architectures(model) if final == "engine" else ()
     cmd = server_command(str(vllm_python()), str(model), aux_ids, storage, port, host="127.0.0.1", dtype=dtype,
-                         max_model_len=max_model_len, extra=["--enforce-eager", *extra], final_state_archs=archs)
+                         max_model_len=max_model_len, extra=["--enforce-eager", *extra], final=final)
     env = server_env()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.pop("DS_ACCELERATOR", None)
@@ -262,7 +269,7 @@ class VllmExtractor:
         if not urls:
             raise ValueError("features.source=vllm needs features.vllm_urls=[http://HOST:PORT, ...] (servers started "
                              "with launch/vllm_features.sh), or none in `deepspec data features` to start one here")
-        self.final = final_state_source(target, final_state)
+        self.final = final_state_source(target, final_state)  # refuses what vLLM cannot give
         self.final_norm = final_norm(target) if self.final == "norm" else None
         self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
         self.target, self.layer_ids = target, [int(k) for k in layer_ids]
@@ -364,9 +371,8 @@ def serve_command_for_recipe(overrides: Sequence[str], model: str, storage: str,
     final = resolve_final_state(shapes.model_type, str(cfg.target.name), cfg.target.stream_collapse,
                                 cfg.features.vllm_final_state)
     aux = vllm_layer_ids(_layer_ids(cfg, shapes), shapes.num_layers, final)
-    archs = model_architectures(model) if final == "engine" else ()
     return server_command(python, model, aux, storage, port, max_model_len=cfg.data.max_seq_len + 1,
-                          served_name=str(cfg.target.name), extra=extra, final_state_archs=archs), aux
+                          served_name=str(cfg.target.name), extra=extra, final=final), aux
 
 
 def main(argv: Sequence[str] | None = None) -> None:

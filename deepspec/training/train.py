@@ -61,7 +61,7 @@ def open_sources(cfg: DictConfig, target, layer_ids: list[int]):
         max_seq_len=cfg.data.max_seq_len, cache_dir=cache_dir, storage_dtype=cfg.features.dtype,
         batch_tokens=cfg.features.batch_tokens, shard_tokens=cfg.features.shard_tokens,
         vllm_urls=list(cfg.features.vllm_urls), vllm_concurrency=cfg.features.vllm_concurrency,
-        vllm_final_state=str(cfg.features.vllm_final_state))
+        vllm_final_state=cfg.features.vllm_final_state)
     if not len(train_source):
         raise ValueError(f"input={cfg.input}: no trainable training sequence (a row needs status success or "
                          f"truncated, messages that fit the chat template and at least one supervised token "

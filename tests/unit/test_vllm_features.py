@@ -108,10 +108,13 @@ def _seq(target, n: int):
     return ChatSequence(row_id=f"r{n}", split="train", input_ids=ids.tolist(), loss_mask=[i >= n // 2 for i in range(n)])
 
 
-def test_server_command_names_the_wrapped_model_class():
-    cmd = server_command("py", "/m", [2, 5], "/hs", 8000, final_state_archs=["DeepseekV4ForCausalLM"])
+def test_server_command_names_the_wrapped_model_class(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekV4ForCausalLM"]}))
+    cmd = server_command("py", str(tmp_path), [2, 5], "/hs", 8000, final="engine")
     assert cmd[:3] == ["env", "DEEPSPEC_VLLM_FINAL_STATE=DeepseekV4ForCausalLM", "py"]
-    assert "DEEPSPEC_VLLM_FINAL_STATE" not in " ".join(server_command("py", "/m", [2, 5], "/hs", 8000))
+    assert "DEEPSPEC_VLLM_FINAL_STATE" not in " ".join(server_command("py", str(tmp_path), [2, 5], "/hs", 8000))
+    with pytest.raises(ValueError, match="cannot be read"):  # the classes come from the model's config.json
+        server_command("py", str(tmp_path / "none"), [2, 5], "/hs", 8000, final="engine")
 
 
 class FakeVllm:
